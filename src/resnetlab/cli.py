@@ -1,0 +1,166 @@
+"""Thin argparse front. Each command's work lives in its package; this file only parses.
+
+Handlers are imported lazily so that `resnetlab predict --onnx` never imports torch and
+`resnetlab --help` is instant. Every `ResnetlabError` becomes one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from resnetlab.errors import ResnetlabError
+
+# command name -> "module:function" taking the parsed argparse.Namespace and returning an exit code
+HANDLERS: dict[str, str] = {
+    "summary": "resnetlab.models.summary:run_summary",
+    "models": "resnetlab.models.summary:run_models",
+    "data": "resnetlab.data.cli:run_data",
+    "train": "resnetlab.train.commands:run_train",
+    "eval": "resnetlab.train.commands:run_eval",
+    # predict dispatches to the torch-free onnxruntime path when --onnx is given
+    "predict": "resnetlab.predict:run_predict",
+    "export": "resnetlab.export:run_export",
+    "bench": "resnetlab.bench:run_bench",
+}
+
+
+def _add_summary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("summary", help="print the model's layer-by-layer output shapes, parameters and multiply-adds")
+    p.add_argument("model", help="a registered model name (see `resnetlab models`)")
+    p.add_argument("--input", default="1x1x224x224", help="input shape NxCxHxW (default 1x1x224x224)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the C of --input)")
+    p.add_argument("--stem", choices=["imagenet", "small"], default=None)
+    p.add_argument("--width", type=int, default=None, help="base channel count (default 64)")
+    sub.add_parser("models", help="list the registered models with parameters and multiply-adds")
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="find, download and verify datasets")
+    p.add_argument("action", choices=["info", "fetch", "verify"])
+    p.add_argument("name", nargs="?", default=None, help="fashion-mnist, mnist, cifar10 or folder:PATH (default: all built-in)")
+    p.add_argument("--root", default=None, help="look here first (also $RESNETLAB_DATA)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model with a recipe (default: fast)",
+        description="Train with a recipe; every recipe field can be overridden by its flag.",
+    )
+    p.add_argument("--recipe", default="fast", help="d2l, fast or best (default fast)")
+    # Recipe overrides: None means "keep the recipe's value".
+    p.add_argument("--model")
+    p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10 or folder:PATH")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per-process batch; the global batch is this times the world size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--resize", type=int, help="train and test at this square size (0 keeps the native size)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["constant", "onecycle", "cosine"])
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--augment", help="none, or a comma list of flip, crop, erase")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--subset", type=int, help="train on a seeded random subset of N training images")
+    p.add_argument("--width", type=int, help="model base width")
+    p.add_argument("--stem", choices=["imagenet", "small"])
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
+    p.add_argument("--data-root", help="look for datasets here first")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="also checkpoint every N steps")
+    p.add_argument("--init-from", metavar="PATH", help="start from torchvision/timm ResNet weights")
+    p.add_argument("--nproc", type=int, help="launch N processes on this machine with torchrun")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None, help="multiply lr by the world size")
+
+
+def _add_use(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
+    p.add_argument("checkpoint", help="a run directory or its last.safetensors")
+    p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--data-root")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("predict", help="top-k classes for image files")
+    p.add_argument("checkpoint", nargs="?", help="a run directory or checkpoint (omit with --onnx)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--onnx", metavar="MODEL", help="run an exported .onnx file with onnxruntime, without torch")
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="export a checkpoint (ONNX) with preprocessing inside")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", help="output file (default: beside the checkpoint, model.onnx)")
+    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--data-root")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks against the chapter's reference loop")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    b = bsub.add_parser("train", help="training images/s: chapter's reference loop vs resnetlab, same run")
+    b.add_argument("--model", default="d2l_resnet18")
+    b.add_argument("--resize", type=int, default=96)
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", action="store_true")
+    b = bsub.add_parser("time-to-accuracy", help="wall-clock from process start to a test accuracy")
+    b.add_argument("--recipe", default="fast")
+    b.add_argument("--target", type=float, default=0.924)
+    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", action="store_true")
+    b = bsub.add_parser("infer", help="eval images/s and per-image latency at batch 1 and 256")
+    b.add_argument("--model", default="d2l_resnet18")
+    b.add_argument("--resize", type=int, default=96)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", action="store_true")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="resnetlab", description="Residual networks: build, train, evaluate, export.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_summary(sub)
+    _add_data(sub)
+    _add_train(sub)
+    _add_use(sub)
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(_handler(args.command)(args) or 0)
+    except ResnetlabError as err:
+        print(f"resnetlab: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("resnetlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace], int]:
+    module, _, func = HANDLERS[command].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _version() -> str:
+    from resnetlab import __version__
+
+    return f"resnetlab {__version__}"

@@ -1,0 +1,26 @@
+"""The project's own error types.
+
+Everything a user can get wrong (a bad argument, a corrupt file, a missing dataset) raises a
+subclass of :class:`ResnetlabError`. The command line turns it into one line on stderr and exit
+status 2; Python callers can catch it. Anything else reaching the top is a bug.
+"""
+
+from __future__ import annotations
+
+
+class ResnetlabError(Exception):
+    """Base class: a problem with the user's input, reported as one line."""
+
+    exit_code = 2
+
+
+class UsageError(ResnetlabError, ValueError):
+    """A meaningless or out-of-range argument (also a ValueError, as torchvision raises)."""
+
+
+class DataError(ResnetlabError):
+    """A dataset file that is missing, corrupt or inconsistent."""
+
+
+class CheckpointError(ResnetlabError):
+    """A checkpoint or weights file that cannot be used."""
