@@ -1,0 +1,205 @@
+"""Image-folder datasets: ``PATH/<class>/<image>``, read with Pillow.
+
+* Classes are the sorted names of PATH's sub-folders (hidden ones skipped). Files whose suffix is
+  an image format Pillow reads (see ``IMAGE_SUFFIXES``) are images; other files are ignored.
+* Every image is converted to one size and channel count: the ones given (``image_size``, an
+  int for square or (height, width); ``channels`` 1 or 3), else inferred: the most common size
+  (ties: the first in sorted order) and greyscale only when every image is greyscale (modes 1, L,
+  LA, I, I;16, F), otherwise RGB. Resizing uses Pillow's bilinear filter.
+* Test split: PATH/train plus PATH/test (or PATH/val) when those exist, with the classes taken
+  from train; otherwise a seeded, stratified hold-out of ``HOLDOUT_FRACTION`` (10%) of each
+  class (at least one image of every class with two or more; ``seed`` 0 by default).
+* An image Pillow cannot read, or a class folder without images, is a :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from resnetlab.errors import DataError, UsageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+HOLDOUT_FRACTION = 0.1
+
+
+def read_folder(
+    path: Path,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+    holdout: float = HOLDOUT_FRACTION,
+    seed: int = 0,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], list[str]]:
+    """(train images, labels), (test images, labels), classes for an image folder."""
+    if channels not in (None, 1, 3):
+        raise UsageError(f"channels must be 1 or 3, not {channels!r}")
+    size = _size(image_size)
+    if not 0.0 <= holdout < 1.0:
+        raise UsageError(f"holdout must be in [0, 1), not {holdout!r}")
+    if not path.is_dir():
+        raise DataError(f"{path}: no such directory")
+    split_dirs = {}
+    for name in ("train", "test", "val"):
+        if (path / name).is_dir():
+            split_dirs[name] = path / name
+    if "train" in split_dirs and ("test" in split_dirs or "val" in split_dirs):
+        train_dir = split_dirs["train"]
+        test_dir = split_dirs.get("test") or split_dirs["val"]
+        classes, train_files = _scan(train_dir)
+        test_classes, test_files = _scan(test_dir)
+        unknown = [c for c in test_classes if c not in classes]
+        if unknown:
+            raise DataError(f"{test_dir}: classes {', '.join(unknown)} are not in {train_dir}")
+        remap = [classes.index(c) for c in test_classes]
+        test_files = [(f, remap[label]) for f, label in test_files]
+    else:
+        classes, files = _scan(path)
+        train_files, test_files = _holdout(files, len(classes), holdout, seed)
+    infos = {f: _probe(f) for f, _ in train_files + test_files}
+    if size is None:
+        sizes = Counter(infos[f][0] for f, _ in train_files)  # (width, height)
+        w, h = sizes.most_common(1)[0][0]
+        size = (h, w)
+    if channels is None:
+        channels = 1 if all(infos[f][1] in GREY_MODES for f, _ in train_files + test_files) else 3
+    train = _load(train_files, size, channels)
+    test = _load(test_files, size, channels)
+    return train, test, classes
+
+
+def _size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        hw = (image_size, image_size)
+    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
+        hw = (image_size[0], image_size[1])
+    else:
+        raise UsageError(f"image_size must be an int or (height, width), not {image_size!r}")
+    if not all(isinstance(v, int) and v > 0 for v in hw):
+        raise UsageError(f"image_size must be positive, not {image_size!r}")
+    return hw
+
+
+def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    try:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise DataError(f"{root}: cannot list ({err.strerror or err})") from None
+    if not class_dirs:
+        raise DataError(f"{root}: no class sub-folders (expected PATH/<class>/<image>)")
+    files: list[tuple[Path, int]] = []
+    for label, d in enumerate(class_dirs):
+        imgs = sorted(
+            p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+        )
+        if not imgs:
+            raise DataError(f"{d}: empty class: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files.extend((p, label) for p in imgs)
+    return [d.name for d in class_dirs], files
+
+
+def _holdout(
+    files: list[tuple[Path, int]], num_classes: int, fraction: float, seed: int
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in range(num_classes):
+        members = [f for f in files if f[1] == c]
+        n = len(members)
+        k = 0 if n < 2 or fraction == 0 else min(n - 1, max(1, round(fraction * n)))
+        order = torch.randperm(n, generator=g).tolist()
+        chosen = set(order[:k])
+        test.extend(m for i, m in enumerate(members) if i in chosen)
+        train.extend(m for i, m in enumerate(members) if i not in chosen)
+    return train, test
+
+
+def _probe(path: Path) -> tuple[tuple[int, int], str]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise DataError(f"{path}: unreadable image ({_first_line(err)})") from None
+
+
+def _load(files: list[tuple[Path, int]], size: tuple[int, int], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image, UnidentifiedImageError
+
+    h, w = size
+    images = np.empty((len(files), h, w, channels), dtype=np.uint8)
+    labels = np.empty(len(files), dtype=np.int64)
+    mode = "L" if channels == 1 else "RGB"
+    for i, (path, label) in enumerate(files):
+        try:
+            with Image.open(path) as im:
+                im = _convert(im, mode)
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            raise DataError(f"{path}: unreadable image ({_first_line(err)})") from None
+        images[i] = arr.reshape(h, w, channels)
+        labels[i] = label
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+
+
+def _convert(im, mode: str):
+    from PIL import Image
+
+    if im.mode == mode:
+        return im
+    if im.mode.startswith("I;16"):  # 16-bit greyscale: keep the high byte rather than clip
+        im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8))
+    elif im.mode in ("I", "F"):
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8))
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # then the colour channels are kept, alpha dropped
+    return im.convert(mode)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def parse_folder_name(name: str) -> tuple[str, dict[str, str]]:
+    """Split ``folder:PATH?size=32&channels=3`` into PATH and its options."""
+    spec = name[len("folder:") :]
+    options: dict[str, str] = {}
+    if "?" in spec:
+        base, _, query = spec.rpartition("?")
+        pairs = [p.partition("=") for p in query.split("&") if p]
+        if pairs and all(sep and k in ("size", "channels", "holdout", "seed") for k, sep, _ in pairs):
+            spec = base
+            options = {k: v for k, _, v in pairs}
+    if not spec:
+        raise UsageError("folder: needs a path, e.g. folder:/data/flowers")
+    return spec, options
+
+
+def folder_options(options: dict[str, str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    try:
+        if "size" in options:
+            parts = options["size"].lower().split("x")
+            out["image_size"] = int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+        if "channels" in options:
+            out["channels"] = int(options["channels"])
+        if "holdout" in options:
+            out["holdout"] = float(options["holdout"])
+        if "seed" in options:
+            out["seed"] = int(options["seed"])
+    except ValueError:
+        raise UsageError(f"bad folder dataset option in {options!r}") from None
+    if isinstance(out.get("holdout"), float) and not math.isfinite(out["holdout"]):  # type: ignore[arg-type]
+        raise UsageError("holdout must be finite")
+    return out
