@@ -1,0 +1,8 @@
+"""Training: recipes as data, the loop, checkpoints and the run directory."""
+
+from resnetlab.train.checkpoint import Classifier, load_checkpoint
+from resnetlab.train.loop import NonFiniteLoss, RunResult, TrainingInterrupted, train
+from resnetlab.train.recipes import RECIPES, Recipe, get_recipe
+
+__all__ = ["Classifier", "NonFiniteLoss", "RECIPES", "Recipe", "RunResult", "TrainingInterrupted", "get_recipe",
+           "load_checkpoint", "train"]  # fmt: skip

@@ -1,0 +1,183 @@
+"""Checkpoints: safetensors tensors plus JSON metadata, written atomically, never unpickled.
+
+One file, ``last.safetensors``, holds everything needed to use or resume a run:
+
+* tensors ``model.*`` (the network's state dict), ``optim.<param>.<key>`` (optimizer state),
+  ``rng.cpu`` / ``rng.cuda`` (generator states);
+* metadata key ``resnetlab``: JSON with the model name and options, the classes, the
+  preprocessing, the resolved recipe, the position (epoch, step), the running sums of the current
+  epoch, the finished epochs' metrics, the optimizer's param groups and the scheduler's state.
+
+Writing goes to a temporary file in the same directory, is fsynced, then renamed over the old
+file, so a crash at any moment leaves either the old or the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnetlab.errors import CheckpointError
+
+CHECKPOINT_NAME = "last.safetensors"
+FORMAT_VERSION = 1
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save's zip container
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomically write ``tensors`` and the JSON ``meta`` as one safetensors file."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"format_version": FORMAT_VERSION, **meta}
+    atomic_write_bytes(Path(path), save(flat, metadata={"resnetlab": json.dumps(meta)}))
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A run directory or a checkpoint file -> the checkpoint file (with clear errors)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.exists():
+        raise CheckpointError(f"no checkpoint at {p}; give a run directory or its {CHECKPOINT_NAME}")
+    return p
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a resnetlab checkpoint -> (tensors on CPU, metadata). Refuses pickles."""
+    p = resolve_checkpoint_path(path)
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(
+            f"{p} is a pickle/torch.save file; resnetlab never unpickles (it can run code). "
+            "Use a resnetlab last.safetensors, or resnetlab.load_pretrained for torchvision/timm weights"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("resnetlab")
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{p} is not a readable safetensors checkpoint ({err}); it may be truncated") from None
+    if raw_meta is None:
+        raise CheckpointError(f"{p} is a safetensors file without resnetlab metadata; for bare weights use load_pretrained")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{p} has corrupt resnetlab metadata ({err})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p} has checkpoint format {meta.get('format_version')}; this resnetlab reads {FORMAT_VERSION}")
+    return tensors, meta
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix`` with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+class Classifier(nn.Module):
+    """A trained network with its own preprocessing: float images in [0, 1] at native size -> logits.
+
+    Args:
+        net: the ResNet.
+        preprocess: resize and normalisation (:class:`resnetlab.data.Preprocess`).
+        classes: class names, in label order.
+        tta: also run the mirror image and average the logits.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast inside ``forward``, so that evaluating a
+            checkpoint reproduces the accuracy measured during training exactly.
+        input_shape: native (C, H, W) the model expects.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        preprocess: nn.Module,
+        classes: list[str],
+        *,
+        tta: bool = False,
+        precision: str = "fp32",
+        input_shape: tuple[int, int, int] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.preprocess = preprocess
+        self.classes = list(classes)
+        self.tta = tta
+        self.precision = precision
+        self.input_shape = tuple(input_shape) if input_shape else None
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = self.net(x)
+            if self.tta:
+                logits = (logits + self.net(x.flip(3))) / 2
+        return logits.float()
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
+    """Load a resnetlab checkpoint as a :class:`Classifier` in eval mode.
+
+    Args:
+        path: a run directory or its ``last.safetensors``.
+        device: where to put the model.
+
+    The result maps float images in [0, 1] (N x C x H x W at the dataset's native size) to logits;
+    its ``.classes`` holds the class names and ``.meta`` the checkpoint's metadata.
+    """
+    from resnetlab.data import Preprocess
+    from resnetlab.models import create_model
+
+    tensors, meta = read_checkpoint(path)
+    spec = meta["model"]
+    net = create_model(spec["name"], **spec["options"])
+    missing, unexpected = net.load_state_dict(prefixed(tensors, "model."), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint weights do not fit {spec['name']}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    classifier = Classifier(
+        net,
+        Preprocess.from_config(meta["preprocessing"]),
+        meta["classes"],
+        tta=meta.get("tta", False),
+        precision=meta.get("eval_precision", "fp32"),
+        input_shape=tuple(meta["input_shape"]),
+        channels_last=meta.get("channels_last", False),
+    )
+    classifier.meta = meta
+    if classifier.channels_last:
+        classifier.net.to(memory_format=torch.channels_last)
+    return classifier.to(device).eval()

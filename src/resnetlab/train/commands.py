@@ -1,0 +1,86 @@
+"""Handlers of ``resnetlab train`` and ``resnetlab eval`` (argparse Namespace in, exit code out)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from resnetlab.errors import UsageError
+
+# CLI flag -> recipe field (flags whose value is None leave the recipe's value in place).
+RECIPE_FLAGS = ("model", "dataset", "epochs", "batch_size", "lr", "resize", "optimizer", "momentum", "weight_decay",
+                "schedule", "label_smoothing", "augment", "precision", "channels_last", "compile", "device", "seed",
+                "subset", "width", "stem", "tta", "sync_bn", "scale_lr")  # fmt: skip
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.nproc:
+        return _launch_torchrun(args.nproc)
+    from resnetlab.train.loop import train
+
+    overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
+    train(args.recipe, out=args.out, resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every or 0,
+          data_root=args.data_root, init_from=args.init_from, **overrides)  # fmt: skip
+    return 0
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """``--nproc N``: re-run this command under torchrun with N processes on this machine."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, not {nproc}")
+    argv = sys.argv[1:]
+    rest, skip = [], False
+    for i, a in enumerate(argv):  # drop --nproc N / --nproc=N, keep everything else as given
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "resnetlab", *rest]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
+    return subprocess.call(cmd, env=env)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from resnetlab.data import BatchLoader, load_dataset
+    from resnetlab.train.checkpoint import load_checkpoint
+    from resnetlab.train.loop import evaluate, resolve_device
+
+    device = resolve_device(args.device)
+    classifier = load_checkpoint(args.checkpoint, device=device)
+    meta = classifier.meta
+    dataset = args.dataset or meta["dataset"]
+    _, test = load_dataset(dataset, root=args.data_root or meta.get("data_root"))
+    if list(test.images.shape[1:]) != list(meta["input_shape"]):
+        raise UsageError(f"{dataset} images are {tuple(test.images.shape[1:])} but the model takes {tuple(meta['input_shape'])}")
+    if test.classes != classifier.classes:
+        raise UsageError(f"{dataset} has classes {test.classes[:3]}... but the model was trained on {classifier.classes[:3]}...")
+    batch = args.batch_size if args.batch_size != 500 else meta.get("eval_batch_size", 500)
+    confusion = evaluate(classifier, BatchLoader(test, batch, device=device), len(test.classes))
+    total = confusion.sum().item()
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1)).tolist()
+    result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "images": total,
+              "accuracy": confusion.diag().sum().item() / total,
+              "per_class_accuracy": dict(zip(test.classes, per_class)), "confusion": confusion.tolist()}  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"accuracy {result['accuracy']:.4f} on {total} {dataset} test images")
+    width = max(len(c) for c in test.classes)
+    for name, acc in result["per_class_accuracy"].items():
+        print(f"  {name:<{width}}  {acc:.4f}")
+    print("confusion matrix (rows: true, columns: predicted):")
+    cell = max(len(str(int(confusion.max()))), 3)
+    for name, row in zip(test.classes, confusion.tolist()):
+        print(f"  {name:<{width}} " + " ".join(f"{v:>{cell}}" for v in row))
+    return 0

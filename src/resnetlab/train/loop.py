@@ -1,0 +1,551 @@
+"""The training loop: one function, readable top to bottom.
+
+Data flows one way: uint8 dataset tensors on the device -> a whole batch indexed -> resize and
+augment on the batch -> model -> metrics -> run directory. Everything random is a pure function of
+(seed, epoch, step), so a run killed at any step and resumed from its checkpoint reproduces the
+uninterrupted run bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnetlab.data import BatchLoader, Preprocess, Split, load_dataset, random_crop, random_erasing, random_flip, to_float
+from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
+from resnetlab.models import check_input_size, create_model
+from resnetlab.train import dist
+from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, prefixed, read_checkpoint, save_checkpoint
+from resnetlab.train.recipes import Recipe, get_recipe
+from resnetlab.train.rundir import environment, plot_confusion, plot_curves, write_json, write_metrics
+
+
+class TrainingInterrupted(ResnetlabError):
+    """Ctrl-C: the checkpoint was saved; the run can be resumed."""
+
+    exit_code = 130
+
+
+class NonFiniteLoss(ResnetlabError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (the same figures as the run directory)."""
+
+    run_dir: Path
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    examples_per_sec: float  # whole epochs, data included
+    compute_examples_per_sec: float  # the chapter's measure: time inside training steps only
+    device: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    confusion: torch.Tensor | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces the loop is built from
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu (the chapter's ``try_gpu``)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device 'mps' asked for but MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays only where the hardware computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
+    return precision
+
+
+def xavier_init(net: nn.Module) -> None:
+    """The chapter's ``train_ch6`` init: Xavier-uniform on every Conv2d and Linear weight."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images in [0, 1] units, in chunks to keep memory flat."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].to(torch.float64) / 255
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
+    """Learning-rate multiplier at ``step`` (a pure function: nothing to save but the step)."""
+    if recipe.schedule == "constant":
+        return 1.0
+    warm = max(1, int(recipe.warmup * total_steps)) if recipe.warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total_steps - warm)
+    if recipe.schedule == "onecycle":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def make_optimizer(recipe: Recipe, net: nn.Module, lr: float) -> torch.optim.Optimizer:
+    # No weight decay on BN parameters and biases, the usual choice for ResNets.
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0, foreach=True)
+
+
+def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """A CPU generator determined by (seed, epoch, step, rank): resumable without saved state."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank)
+
+
+def train_inputs(images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, gen: torch.Generator) -> torch.Tensor:
+    """uint8 batch -> float, resized, augmented, normalised model input (all batched on the device)."""
+    x = to_float(images)
+    if preprocess.size is not None:
+        x = F.interpolate(x, size=(preprocess.size, preprocess.size), mode="bilinear", antialias=True)
+    augs = recipe.augmentations()
+    if "crop" in augs:
+        x = random_crop(x, recipe.crop_padding, gen)
+    if "flip" in augs:
+        x = random_flip(x, gen)
+    x = (x - preprocess.mean) / preprocess.std
+    if "erase" in augs:
+        x = random_erasing(x, gen)
+    if recipe.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def evaluate(classifier: Classifier, loader: BatchLoader, num_classes: int) -> torch.Tensor:
+    """Confusion matrix (true x predicted, int64 on CPU) of ``classifier`` over ``loader``, all ranks."""
+    was_training = classifier.training
+    classifier.eval()
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=loader.device)
+    for images, labels in loader.batches(0):
+        pred = classifier(to_float(images)).argmax(dim=1)
+        confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+    confusion = dist.all_reduce_sum(confusion)
+    classifier.train(was_training)
+    return confusion.view(num_classes, num_classes).cpu()
+
+
+@contextmanager
+def sigint_flag() -> Iterator[dict[str, bool]]:
+    """Turn the first Ctrl-C into a flag the loop checks between steps (the second one aborts)."""
+    state = {"interrupted": False}
+    if not _in_main_thread():
+        yield state
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["interrupted"]:
+            raise KeyboardInterrupt
+        state["interrupted"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def prepare_run_dir(recipe: Recipe, out: str | Path | None, force: bool) -> Path:
+    run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not force:
+            raise UsageError(
+                f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
+                "--force to overwrite it, or another --out"
+            )
+        for name in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    return run_dir
+
+
+def train(
+    recipe: str | Recipe = "fast",
+    *,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    force: bool = False,
+    checkpoint_every: int = 0,
+    data_root: str | None = None,
+    init_from: str | None = None,
+    progress: bool | None = None,
+    **overrides: Any,
+) -> RunResult:
+    """Train a model with a recipe; the Python twin of ``resnetlab train``.
+
+    Args:
+        recipe: a recipe name (``d2l``, ``fast``, ``best``) or a :class:`Recipe`.
+        out: the run directory (default ``runs/<recipe>-<timestamp>``).
+        resume: a run directory to continue where it stopped (no other overrides but ``device``).
+        force: overwrite an existing run directory.
+        checkpoint_every: also checkpoint every N steps (0: at epoch ends only).
+        data_root: look for the dataset here first.
+        init_from: torchvision/timm ResNet weights to start from.
+        progress: show a progress bar (default: when stdout is a terminal).
+        **overrides: recipe fields to change, e.g. ``epochs=2, batch_size=128``.
+    """
+    if checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, not {checkpoint_every}")
+    resumed: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    if resume is not None:
+        tensors, meta = read_checkpoint(resume)
+        changed = {k: v for k, v in overrides.items() if v is not None and k != "device"}
+        if changed:
+            raise UsageError(f"--resume continues the run as it was; drop {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        recipe = dataclasses.replace(Recipe(**meta["recipe"]), device=overrides.get("device") or meta["recipe"]["device"])
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        data_root = data_root or meta.get("data_root")
+        resumed = (tensors, meta)
+    else:
+        recipe = recipe.validate() if isinstance(recipe, Recipe) else get_recipe(recipe, **overrides)
+        run_dir = None  # chosen once the rank is known: only rank 0 touches the file system
+
+    ctx = dist.setup(resolve_device(recipe.device))
+    device = ctx.device
+    if run_dir is None:
+        run_dir = prepare_run_dir(recipe, out, force) if ctx.is_main else Path(out or ".")
+        run_dir = Path(dist.broadcast_object(str(run_dir)))
+    precision = resolve_precision(recipe.precision, device)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
+
+    # Data: whole splits as uint8 tensors on the device.
+    train_split, test_split = load_dataset(recipe.dataset, root=data_root)
+    if recipe.subset:
+        if recipe.subset > len(train_split):
+            raise UsageError(f"--subset {recipe.subset} is larger than the {len(train_split)}-image training split")
+        pick = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(recipe.seed))[: recipe.subset]
+        train_split = train_split.subset(pick.sort().values)
+    c, h, w = train_split.images.shape[1:]
+    size = recipe.resize or None
+    if recipe.normalize:
+        mean, std = resumed[1]["preprocessing"]["mean"] if resumed else None, None
+        mean, std = channel_stats(train_split.images)
+    else:
+        mean, std = [0.0] * c, [1.0] * c
+    preprocess = Preprocess(size, mean, std).to(device)
+    batch_size = recipe.batch_size
+    train_loader = BatchLoader(train_split, batch_size, shuffle=True, seed=recipe.seed, drop_last=ctx.world_size > 1,
+                               device=device, rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
+    test_loader = BatchLoader(test_split, recipe.eval_batch_size, device=device, rank=ctx.rank, world_size=ctx.world_size)
+    if len(train_loader) == 0:
+        raise UsageError(f"batch size {batch_size} x {ctx.world_size} processes is larger than the {len(train_split)} training images")
+
+    # Model, optimizer, schedule.
+    torch.manual_seed(recipe.seed)
+    net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
+    check_input_size(net, size or min(h, w))
+    if recipe.init == "xavier":
+        xavier_init(net)
+    if init_from and not resumed:
+        from resnetlab.models.pretrained import load_pretrained
+
+        load_pretrained(net, init_from)
+    if ctx.world_size > 1 and recipe.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net.to(device)
+    if recipe.channels_last:
+        net.to(memory_format=torch.channels_last)
+    lr = recipe.lr * (ctx.world_size if recipe.scale_lr else 1)
+    optimizer = make_optimizer(recipe, net, lr)
+    steps_per_epoch = len(train_loader)
+    total_steps = recipe.epochs * steps_per_epoch
+    classifier = Classifier(net, preprocess, train_split.classes, tta=recipe.tta, precision=precision,
+                            input_shape=(c, h, w), channels_last=recipe.channels_last)  # fmt: skip
+    model = dist.wrap(net, ctx)
+    if recipe.compile:
+        model = torch.compile(model)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+    # Position and running sums; a resumed run takes them from its checkpoint.
+    epoch, start_step = 0, 0
+    sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
+    history: list[dict[str, Any]] = []
+    if resumed:
+        tensors, meta = resumed
+        _restore(tensors, meta, net, optimizer, scaler, preprocess, device)
+        epoch, start_step = meta["position"]["epoch"], meta["position"]["step"]
+        sums, history = meta["sums"], meta["history"]
+        if ctx.is_main:
+            print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
+    meta_static = {
+        "model": {"name": net_name(net), "options": net_options(net)},
+        "classes": train_split.classes,
+        "dataset": recipe.dataset,
+        "data_root": data_root,
+        "input_shape": [c, h, w],
+        "preprocessing": preprocess.config(),
+        "tta": recipe.tta,
+        "eval_precision": precision,
+        "channels_last": recipe.channels_last,
+        "eval_batch_size": recipe.eval_batch_size,
+        "recipe": dataclasses.asdict(recipe),
+        "world_size": ctx.world_size,
+    }
+    if ctx.is_main:
+        write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
+                                             "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
+                                             "lr_applied": lr, "seed": recipe.seed, **environment(device)})  # fmt: skip
+
+    def checkpoint(at_epoch: int, at_step: int) -> None:
+        """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise NonFiniteLoss(f"weights became non-finite at epoch {at_epoch + 1}, step {at_step}; checkpoint not written")
+        if ctx.is_main:
+            save_checkpoint(run_dir / CHECKPOINT_NAME, _state_tensors(net, optimizer, device),
+                            {**meta_static, "position": {"epoch": at_epoch, "step": at_step}, "sums": sums,
+                             "history": history, "optimizer": _optimizer_groups(optimizer),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None})  # fmt: skip
+        dist.barrier()
+
+    confusion = None
+    show_bar = ctx.is_main and (progress if progress is not None else sys.stdout.isatty())
+    with sigint_flag() as sigint:
+        while epoch < recipe.epochs:
+            model.train()
+            bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{recipe.epochs}", show_bar)
+            if bar is not None:
+                bar.update(start_step)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            count, seconds, compute_seconds = 0, 0.0, 0.0
+            t_epoch = time.perf_counter()
+            for step, (images, labels) in enumerate(train_loader.batches(epoch, start_step), start=start_step):
+                global_step = epoch * steps_per_epoch + step
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * lr_factor(recipe, global_step, total_steps)
+                x = train_inputs(images, recipe, preprocess, augment_generator(recipe.seed, epoch, step, ctx.rank))
+                t_compute = dist.synchronized_time(device)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    logits = model(x)
+                    loss = loss_fn(logits.float(), labels)
+                if device.type == "cpu" or step % 20 == 0:  # a host sync; every step is free on the CPU
+                    if not torch.isfinite(loss).item():
+                        raise NonFiniteLoss(
+                            f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (lr {optimizer.param_groups[0]['lr']:.4g}); "
+                            f"the last good checkpoint in {run_dir} is kept. Lower --lr or use --precision fp32"
+                        )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                compute_seconds += dist.synchronized_time(device) - t_compute
+                loss_sum += loss.detach().double() * len(labels)
+                correct += (logits.argmax(dim=1) == labels).sum()
+                count += len(labels)
+                if bar is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
+                    done = sums["count"] + count
+                    elapsed = sums["seconds"] + time.perf_counter() - t_epoch
+                    bar.set_postfix(loss=f"{(sums['loss'] + loss_sum.item()) / done:.3f}",
+                                    acc=f"{(sums['correct'] + correct.item()) / done:.3f}",
+                                    img_s=f"{done * ctx.world_size / max(elapsed, 1e-9):.0f}")  # fmt: skip
+                if bar is not None:
+                    bar.update(1)
+                if sigint["interrupted"] or (checkpoint_every and (global_step + 1) % checkpoint_every == 0):
+                    _fold(sums, loss_sum, correct, count, time.perf_counter() - t_epoch, compute_seconds)
+                    loss_sum.zero_(), correct.zero_()
+                    count, compute_seconds, t_epoch = 0, 0.0, time.perf_counter()
+                    checkpoint(epoch, step + 1)
+                    if sigint["interrupted"]:
+                        if bar is not None:
+                            bar.close()
+                        raise TrainingInterrupted(
+                            f"interrupted at epoch {epoch + 1}, step {step + 1}; checkpoint saved, "
+                            f"continue with: resnetlab train --resume {run_dir}"
+                        )
+            if bar is not None:
+                bar.close()
+            _fold(sums, loss_sum, correct, count, time.perf_counter() - t_epoch, compute_seconds)
+
+            # End of epoch: metrics over all ranks, test accuracy in eval mode on the full test split.
+            totals = dist.all_reduce_sum(torch.tensor([sums["loss"], sums["correct"], sums["count"]], dtype=torch.float64, device=device)).tolist()
+            confusion = evaluate(classifier, test_loader, len(train_split.classes))
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": totals[0] / totals[2],
+                "train_acc": totals[1] / totals[2],
+                "test_acc": confusion.diag().sum().item() / confusion.sum().item(),
+                "images_per_s": totals[2] / max(sums["seconds"], 1e-9),
+                "compute_images_per_s": totals[2] / max(sums["compute_seconds"], 1e-9),
+                "seconds": sums["seconds"],
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            history.append(row)
+            epoch, start_step = epoch + 1, 0
+            sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
+            checkpoint(epoch, 0)
+            if ctx.is_main:
+                write_metrics(run_dir, history)
+                plot_curves(run_dir / "curves.png", history, f"{recipe.model} on {recipe.dataset} ({recipe.name})")
+                if not show_bar:
+                    print(f"epoch {row['epoch']}/{recipe.epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
+                          f"test acc {row['test_acc']:.3f}, {row['images_per_s']:.1f} examples/sec, {row['seconds']:.1f} s", flush=True)  # fmt: skip
+
+    if confusion is None:  # resumed a finished run: nothing left to train, evaluate once more
+        confusion = evaluate(classifier, test_loader, len(train_split.classes))
+    last = history[-1]
+    seen = sum(r["images_per_s"] * r["seconds"] for r in history)
+    result = RunResult(
+        run_dir=run_dir,
+        train_loss=last["train_loss"],
+        train_acc=last["train_acc"],
+        test_acc=last["test_acc"],
+        examples_per_sec=seen / sum(r["seconds"] for r in history),
+        compute_examples_per_sec=seen / sum(r["images_per_s"] * r["seconds"] / r["compute_images_per_s"] for r in history),
+        device=str(device),
+        history=history,
+        confusion=confusion,
+    )
+    if ctx.is_main:
+        plot_confusion(run_dir / "confusion.png", confusion, train_split.classes, f"{recipe.model}: test acc {result.test_acc:.3f}")
+        # The chapter's two closing lines, then its compute-only measure for comparison.
+        print(f"loss {result.train_loss:.3f}, train acc {result.train_acc:.3f}, test acc {result.test_acc:.3f}")
+        print(f"{result.examples_per_sec:.1f} examples/sec on {device}")
+        print(f"({result.compute_examples_per_sec:.1f} examples/sec in training steps only, the chapter's measure; "
+              f"run directory {run_dir})", flush=True)  # fmt: skip
+    dist.teardown(ctx)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint plumbing
+
+
+def net_name(net: nn.Module) -> str:
+    return getattr(net, "name")
+
+
+def net_options(net: nn.Module) -> dict[str, Any]:
+    return dict(getattr(net, "options"))
+
+
+def _fold(sums: dict[str, Any], loss_sum: torch.Tensor, correct: torch.Tensor, count: int, seconds: float, compute: float) -> None:
+    sums["loss"] += loss_sum.item()
+    sums["correct"] += int(correct.item())
+    sums["count"] += count
+    sums["seconds"] += seconds
+    sums["compute_seconds"] += compute
+
+
+def _state_tensors(net: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in _plain_state_dict(net).items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return tensors
+
+
+def _plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with SyncBatchNorm saved as plain BatchNorm keys (they are the same)."""
+    return dict(net.state_dict())
+
+
+def _optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+
+
+def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], net: nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, preprocess: Preprocess, device: torch.device) -> None:  # fmt: skip
+    try:
+        net.load_state_dict(prefixed(tensors, "model."))
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not fit the model: {str(err).splitlines()[0]}") from None
+    preprocess.mean.copy_(torch.tensor(meta["preprocessing"]["mean"]).view_as(preprocess.mean))
+    preprocess.std.copy_(torch.tensor(meta["preprocessing"]["std"]).view_as(preprocess.std))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in prefixed(tensors, "optim.").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value.to(device)
+    groups = optimizer.state_dict()["param_groups"]
+    for group, saved in zip(groups, meta["optimizer"]):
+        group.update(saved)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)

@@ -1,0 +1,170 @@
+"""Training recipes as plain data: one frozen dataclass, three named instances.
+
+Every field can be overridden from the command line (``--batch-size 128``) or from Python
+(``resnetlab.train("fast", epochs=3)``). ``None`` in a model field means "the model's default".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from resnetlab.errors import UsageError
+
+AUGMENTS = ("flip", "crop", "erase")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training configuration.
+
+    Args:
+        name: the recipe's name (d2l, fast, best).
+        model: registry name (see ``resnetlab models``).
+        dataset: ``fashion-mnist``, ``mnist``, ``cifar10`` or ``folder:PATH``.
+        epochs: passes over the training split.
+        batch_size: images per step and process; the global batch is this times the world size.
+        lr: peak learning rate.
+        resize: square side the images are resized to, or 0 for the native size.
+        optimizer: ``sgd`` or ``adamw``.
+        momentum: SGD momentum (0 is the chapter's plain SGD).
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: decoupled for adamw, L2 for sgd.
+        schedule: ``constant``, ``onecycle`` (linear warm-up then linear decay to 0) or ``cosine``.
+        warmup: fraction of all steps spent warming up (onecycle and cosine).
+        label_smoothing: cross-entropy label smoothing.
+        augment: ``none`` or a comma list of ``flip``, ``crop``, ``erase``.
+        crop_padding: padding of the random crop, in pixels of the trained size.
+        normalize: standardise inputs with the training split's mean and std.
+        init: ``xavier`` (the chapter's ``train_ch6``) or ``default`` (the model's own).
+        precision: ``auto`` (bf16 where the hardware has it, else fp32), ``fp32``, ``bf16``, ``fp16``.
+        channels_last: NHWC memory format for the model and inputs.
+        compile: wrap the model in ``torch.compile``.
+        device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        seed: seeds the initialisation, the shuffle, the subset and the augmentation.
+        subset: train on a seeded random subset of this many training images (0 = all).
+        width: model base width (None = the model's default).
+        stem: ``imagenet`` or ``small`` (None = the model's default).
+        zero_init_residual: zero the last BN of every residual branch.
+        tta: average the logits of each test image and its mirror image.
+        eval_batch_size: batch size for test-set evaluation.
+        sync_bn: convert BatchNorm to SyncBatchNorm under torchrun.
+        scale_lr: multiply lr by the world size under torchrun.
+    """
+
+    name: str = "custom"
+    model: str = "resnet18"
+    dataset: str = "fashion-mnist"
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.05
+    resize: int = 0
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: float = 0.0
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    crop_padding: int = 2
+    normalize: bool = False
+    init: str = "default"
+    precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    subset: int = 0
+    width: int | None = None
+    stem: str | None = None
+    zero_init_residual: bool = False
+    tta: bool = False
+    eval_batch_size: int = 1000
+    sync_bn: bool = False
+    scale_lr: bool = False
+
+    def augmentations(self) -> tuple[str, ...]:
+        return () if self.augment in ("", "none") else tuple(a.strip() for a in self.augment.split(","))
+
+    def model_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"zero_init_residual": self.zero_init_residual}
+        if self.width is not None:
+            options["width"] = self.width
+        if self.stem is not None:
+            options["stem"] = self.stem
+        return options
+
+    def validate(self) -> "Recipe":
+        """Raise UsageError for values that cannot mean anything; return self."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, not {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"eval batch size must be >= 1, not {self.eval_batch_size}"),
+            (self.lr > 0, f"lr must be > 0, not {self.lr}"),
+            (self.resize >= 0, f"resize must be >= 0 (0 keeps the native size), not {self.resize}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, not {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), not {self.label_smoothing}"),
+            (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), not {self.warmup}"),
+            (self.subset >= 0, f"subset must be >= 0 (0 = the whole split), not {self.subset}"),
+            (self.width is None or self.width >= 1, f"width must be >= 1, not {self.width}"),
+            (self.crop_padding >= 0, f"crop padding must be >= 0, not {self.crop_padding}"),
+            (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}; use sgd or adamw"),
+            (self.schedule in ("constant", "onecycle", "cosine"),
+             f"unknown schedule {self.schedule!r}; use constant, onecycle or cosine"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"unknown precision {self.precision!r}; use auto, fp32, bf16 or fp16"),
+            (self.init in ("xavier", "default"), f"unknown init {self.init!r}; use xavier or default"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        for aug in self.augmentations():
+            if aug not in AUGMENTS:
+                raise UsageError(f"unknown augmentation {aug!r}; use none or a comma list of {', '.join(AUGMENTS)}")
+        return self
+
+
+RECIPES: dict[str, Recipe] = {
+    # The chapter, field by field: d2l.load_data_fashion_mnist(256, resize=96) + d2l.train_ch6(net, ..., 10, 0.05).
+    "d2l": Recipe(
+        name="d2l", model="d2l_resnet18", dataset="fashion-mnist", epochs=10, batch_size=256, lr=0.05,
+        resize=96, optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant",
+        label_smoothing=0.0, augment="none", normalize=False, init="xavier", precision="fp32",
+        eval_batch_size=256,
+    ),
+    # The chapter's 92.4% soonest on a small CPU: native 28 px, a small stem, one-cycle SGD with
+    # Nesterov momentum, label smoothing, flips + crops and flip test-time augmentation.
+    # Tuned on a 2-core AVX2 CPU; see the README's performance section for the measurements.
+    "fast": Recipe(
+        name="fast", model="resnet10", dataset="fashion-mnist", epochs=5, batch_size=256, lr=0.2,
+        resize=0, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
+        warmup=0.2, label_smoothing=0.1, augment="flip,crop", normalize=True, stem="small", width=32,
+        precision="auto", channels_last=True, tta=True,
+    ),
+    # Highest accuracy within a few GPU-hours: a full ResNet-18 at 32 px (native 28 padded by a crop),
+    # long cosine schedule, flips, crops and random erasing.
+    "best": Recipe(
+        name="best", model="preact_resnet18", dataset="fashion-mnist", epochs=60, batch_size=256, lr=0.1,
+        resize=32, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
+        warmup=0.03, label_smoothing=0.1, augment="flip,crop,erase", crop_padding=4, normalize=True,
+        stem="small", precision="auto", channels_last=True, tta=True,
+    ),
+}  # fmt: skip
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    """The named recipe with ``overrides`` applied (``None`` values are ignored) and validated."""
+    if name not in RECIPES:
+        close = difflib.get_close_matches(name, list(RECIPES), n=2, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UsageError(f"unknown recipe {name!r}; {hint}choose one of {', '.join(RECIPES)}")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UsageError(f"unknown recipe field(s) {', '.join(unknown)}; fields are {', '.join(sorted(fields))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(RECIPES[name], **given).validate()

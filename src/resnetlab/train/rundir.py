@@ -1,0 +1,118 @@
+"""The run directory: config.json, metrics.jsonl/.csv, curves.png, confusion.png.
+
+Metrics are rewritten from the checkpoint's history after every epoch, so a run that was killed
+and resumed never shows a duplicated or missing epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resnetlab.train.checkpoint import atomic_write_bytes
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
+
+
+def git_commit() -> str | None:
+    """The commit of the resnetlab source tree, if it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import platform
+
+    from resnetlab import __version__
+
+    env = {
+        "resnetlab": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history).encode())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(run_dir / "metrics.csv", buf.getvalue().encode())
+
+
+def _figure_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
+    """Train loss, train acc and test acc against epochs, like the chapter's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display is needed, even on a desktop
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(epochs, [r["train_loss"] for r in history], "-", label="train loss")
+    ax.plot(epochs, [r["train_acc"] for r in history], "m--", label="train acc")
+    ax.plot(epochs, [r["test_acc"] for r in history], "g-.", label="test acc")
+    ax.set_xlabel("epoch")
+    ax.set_xlim(0.5 if len(epochs) < 2 else 1, max(epochs[-1], 1))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    atomic_write_bytes(path, _figure_bytes(fig))
+    plt.close(fig)
+
+
+def plot_confusion(path: Path, confusion: torch.Tensor, classes: list[str], title: str) -> None:
+    """The test-set confusion matrix (rows: true class, columns: predicted) with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    size = max(4.0, 0.55 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        top = confusion.max().item() or 1
+        for i in range(k):
+            for j in range(k):
+                v = int(confusion[i, j])
+                ax.text(j, i, v, ha="center", va="center", fontsize=6, color="white" if v > top / 2 else "black")
+    ax.set_title(title, fontsize=9)
+    atomic_write_bytes(path, _figure_bytes(fig))
+    plt.close(fig)
