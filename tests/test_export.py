@@ -1,0 +1,219 @@
+"""`resnetlab export` (ONNX, verified with onnxruntime) and `resnetlab predict --onnx` (no torch).
+
+One tiny checkpoint (resnet10, width 8, 256 Fashion-MNIST images, one epoch, trained at 16 px so
+the preprocessing holds an antialiased downsizing Resize, with flip TTA) is trained and exported
+once per module; the other tests reuse the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from resnetlab import export as export_mod
+from resnetlab.cli import main
+from resnetlab.errors import CheckpointError, UsageError
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _needs_onnx() -> None:
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from resnetlab.train import train
+
+    out = tmp_path_factory.mktemp("export") / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train("fast", out=out, subset=256, epochs=1, model="resnet10", width=8, resize=16, tta=True,
+              device="cpu", progress=False)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir) -> tuple[Path, str]:
+    """`resnetlab export RUN` with the defaults (opset 18, model.onnx in the run directory)."""
+    _needs_onnx()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["export", str(run_dir)])
+    assert code == 0, err.getvalue()
+    return run_dir / "model.onnx", out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fashion_test_images() -> np.ndarray:
+    from resnetlab.data import load_dataset
+
+    _, test = load_dataset("fashion-mnist", download=False)
+    return (test.images[:8].float() / 255).numpy()
+
+
+def _torch_classifier(run_dir: Path):
+    from resnetlab.train.checkpoint import load_checkpoint
+
+    classifier = load_checkpoint(run_dir)
+    classifier.precision = "fp32"
+    return classifier
+
+
+def test_export_writes_a_verified_file_in_the_run_directory(exported, run_dir):
+    path, output = exported
+    assert path.is_file() and path.stat().st_size > 0
+    assert "first 64 fashion-mnist test images" in output
+    diff = float(re.search(r"max abs diff ([0-9.e+-]+)", output).group(1))
+    assert diff <= 1e-4
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_onnxruntime_matches_torch_on_real_images_with_dynamic_batch(exported, run_dir, fashion_test_images):
+    from resnetlab.onnx_runtime import OnnxClassifier
+
+    model = OnnxClassifier(exported[0])
+    assert isinstance(model.session.get_inputs()[0].shape[0], str)  # symbolic batch dimension
+    assert model.input_name == "images" and model.output_name == "logits"
+    classifier = _torch_classifier(run_dir)
+    assert classifier.tta and classifier.preprocess.size == 16  # TTA and an antialiased resize are in the graph
+    for n in (1, 7):
+        x = fashion_test_images[:n]
+        got = model.logits(x)
+        with torch.no_grad():
+            want = classifier(torch.from_numpy(x)).numpy()
+        assert got.shape == (n, 10)
+        assert np.abs(got - want).max() <= 1e-4
+    with pytest.raises(UsageError, match="1x28x28"):
+        model.logits(np.zeros((1, 3, 28, 28), np.float32))
+
+
+def test_metadata_holds_classes_input_shape_and_model(exported):
+    import onnx
+
+    from resnetlab.onnx_runtime import OnnxClassifier
+
+    proto = onnx.load(str(exported[0]))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["classes"]) == FASHION
+    assert json.loads(props["input_shape"]) == [1, 28, 28]
+    assert props["model"] == "resnet10"
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    assert any(n.op_type == "Resize" for n in proto.graph.node)
+    model = OnnxClassifier(exported[0])
+    assert model.classes == FASHION and model.input_shape == (1, 28, 28) and model.model_name == "resnet10"
+
+
+def test_mismatch_is_an_error_and_leaves_no_file(exported, run_dir, tmp_path, monkeypatch, capsys):
+    good = exported[0]
+    # Reuse the exported graph (a real export takes seconds) and perturb PyTorch's reference.
+    monkeypatch.setattr(export_mod, "_export_to", lambda classifier, opset, path: shutil.copyfile(good, path))
+    real = export_mod._reference_logits
+    monkeypatch.setattr(export_mod, "_reference_logits", lambda c, x: real(c, x) + 1e-2)
+    dest = tmp_path / "bad.onnx"
+    assert main(["export", str(run_dir), "--out", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert "export check failed" in err and "tolerance 0.0001" in err
+    assert f"{dest} was not written" in err
+    assert not dest.exists() and list(tmp_path.iterdir()) == []  # no temporary file left either
+
+
+def test_opset_below_18_is_refused(run_dir, capsys):
+    _needs_onnx()
+    assert main(["export", str(run_dir), "--opset", "17", "--out", str(run_dir / "x.onnx")]) == 2
+    assert "opset 18" in capsys.readouterr().err
+    assert not (run_dir / "x.onnx").exists()
+
+
+def test_missing_onnx_extra_says_what_to_install(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` now raises ImportError
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'resnetlab[onnx]'" in err and "onnxscript" in err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["predict", "--onnx", str(tmp_path / "m.onnx"), "x.png"]) == 2
+    assert "pip install 'resnetlab[onnx]'" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=re.escape("pip install 'resnetlab[onnx]'")):
+        from resnetlab.onnx_runtime import OnnxClassifier
+
+        OnnxClassifier(tmp_path / "m.onnx")
+
+
+def _write_images(tmp_path: Path, fashion_test_images: np.ndarray) -> list[str]:
+    from PIL import Image
+
+    grey = (fashion_test_images[0, 0] * 255).round().astype(np.uint8)
+    rgb = (fashion_test_images[1, 0] * 255).round().astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    Image.fromarray(rgb).convert("RGB").resize((56, 56)).save(tmp_path / "b.jpg", quality=95)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    return [str(tmp_path / "a.png"), str(tmp_path / "broken.png"), str(tmp_path / "b.jpg")]
+
+
+def test_predict_onnx_on_image_files(exported, run_dir, tmp_path, fashion_test_images, capsys):
+    files = _write_images(tmp_path, fashion_test_images)
+    assert main(["predict", "--onnx", str(exported[0]), *files, "--json", "--topk", "2"]) == 2
+    out, err = capsys.readouterr()
+    results = json.loads(out)
+    assert [r["image"] for r in results] == files
+    assert "error" in results[1] and "broken.png" in err
+    assert all(len(results[i]["top"]) == 2 for i in (0, 2))
+    # The torch path on the same files gives the same classes and probabilities.
+    good = [files[0], files[2]]
+    assert main(["predict", str(run_dir), *good, "--json", "--topk", "2"]) == 0
+    torch_results = json.loads(capsys.readouterr().out)
+    for o, t in zip([results[0], results[2]], torch_results):
+        assert [x["class"] for x in o["top"]] == [x["class"] for x in t["top"]]
+        assert np.allclose([x["probability"] for x in o["top"]], [x["probability"] for x in t["top"]], atol=1e-5)
+
+
+def test_predict_onnx_never_imports_torch(exported, tmp_path, fashion_test_images):
+    files = _write_images(tmp_path, fashion_test_images)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from resnetlab.cli import main
+        rc = main(["predict", "--onnx", {str(exported[0])!r}, {files[0]!r}, {files[2]!r}])
+        assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
+        sys.exit(rc)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(":") == 2
+
+
+def test_onnx_classifier_refuses_a_non_onnx_file(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from resnetlab.onnx_runtime import OnnxClassifier
+
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a usable ONNX model"):
+        OnnxClassifier(bad)
+    with pytest.raises(CheckpointError, match="no ONNX model"):
+        OnnxClassifier(tmp_path / "missing.onnx")
+
+
+def test_verification_falls_back_to_random_images_and_says_so():
+    classifier = SimpleNamespace(meta={"dataset": "folder:/nonexistent/resnetlab-test"}, input_shape=(3, 8, 8))
+    images, source = export_mod.verification_images(classifier, n=5)
+    assert images.shape == (5, 3, 8, 8) and images.dtype == np.float32
+    assert 0 <= images.min() and images.max() <= 1
+    assert source.startswith("5 random images") and "not loaded" in source
