@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 import torch
@@ -31,7 +29,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _launch_torchrun(nproc: int) -> int:
-    """``--nproc N``: re-run this command under torchrun with N processes on this machine."""
+    """``--nproc N``: re-run this command under torchrun with N processes on this machine.
+
+    torchrun runs in this process (``torch.distributed.run``, as ``python -m torch.distributed.run
+    --standalone --nproc-per-node=N -m resnetlab ...`` would), so that the exit status is the first
+    failed worker's own (2 for a usage error, 130 for Ctrl-C, 128+N for a signal), not torchrun's 1.
+    """
     if nproc < 1:
         raise UsageError(f"--nproc must be >= 1, not {nproc}")
     argv = sys.argv[1:]
@@ -46,9 +49,19 @@ def _launch_torchrun(nproc: int) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "resnetlab", *rest]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
-    return subprocess.call(cmd, env=env)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "resnetlab", *rest]))
+    except ChildFailedError as err:
+        code = err.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code if code < 0 else 1  # a negative exit code is -signal
+    except SignalException as err:
+        return 128 + int(err.sigval)
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
