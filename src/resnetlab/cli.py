@@ -120,17 +120,43 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first (default 2)")
+    b.add_argument("--workers", type=int, default=4, help="the reference DataLoader's workers (the chapter: 4)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="resnetlab side in NHWC")
+    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the resnetlab side")
+    b.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="resnetlab side (auto: bf16 only where native)")
+    b.add_argument("--levers", default="none", help="also measure each lever on/off: all, none or a comma list of "
+                   "channels_last, compile, bf16, in_memory_data, one_thread")
+    b.add_argument("--lever-batch-size", type=int, default=32)
+    b.add_argument("--lever-steps", type=int, default=3)
+    _add_bench_common(b)
     b = bsub.add_parser("time-to-accuracy", help="wall-clock from process start to a test accuracy")
     b.add_argument("--recipe", default="fast")
     b.add_argument("--target", type=float, default=0.924)
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+SEEDS-1 (default 0)")
+    b.add_argument("--train-args", default="", help='extra `resnetlab train` flags, e.g. --train-args="--epochs 3 --subset 2048"')
     b = bsub.add_parser("infer", help="eval images/s and per-image latency at batch 1 and 256")
     b.add_argument("--model", default="d2l_resnet18")
     b.add_argument("--resize", type=int, default=96)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--batch-sizes", default="1,256", help="comma list (default 1,256)")
+    b.add_argument("--reps", type=int, default=3, help="timed calls per variant at batches over 8 (median)")
+    b.add_argument("--small-reps", type=int, default=20, help="timed calls per variant at batches up to 8")
+    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="also time torch.compile")
+    _add_bench_common(b)
+
+
+def _add_bench_common(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--dataset", default="fashion-mnist")
+    b.add_argument("--data-root")
+    b.add_argument("--peak-size", type=int, default=2048, help="side of the fp32 peak matmul")
+    b.add_argument("--bf16-peak-size", type=int, default=512, help="side of the bf16 peak matmul (slow where emulated)")
+    b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,117 @@
+"""``resnetlab bench train``: training images/s of the chapter's loop and of resnetlab, same process.
+
+Both sides train the same network from the same initial weights on the same data; every step is
+timed with its data (the reference's DataLoader fetch, resnetlab's batch index and resize), after
+a warm-up, alternating the two sides so that load from other processes hits both alike. Also
+measured in the same run: this machine's fp32 and bf16 matmul peaks, and (``--levers``) what each
+of resnetlab's levers gives on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from resnetlab.bench.engines import LEVERS, ResnetlabTrainer, interleaved, measure_levers
+from resnetlab.bench.machine import environment, peaks, training_flops_per_image
+from resnetlab.bench.reference import ReferenceTrainer
+from resnetlab.data import load_dataset
+from resnetlab.errors import UsageError
+from resnetlab.models import create_model
+
+
+def _lever_names(text: str | None) -> list[str]:
+    if not text or text == "none":
+        return []
+    if text == "all":
+        return list(LEVERS)
+    names = [t.strip().replace("-", "_") for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in LEVERS]
+    if bad:
+        raise UsageError(f"unknown lever(s) {', '.join(bad)}; choose from {', '.join(LEVERS)}, all or none")
+    return names
+
+
+def run_train_bench(args: argparse.Namespace) -> int:
+    from resnetlab.train.loop import resolve_device
+
+    steps, warmup, batch = args.steps, args.warmup, args.batch_size
+    if steps < 1 or warmup < 0 or batch < 1 or args.workers < 0:
+        raise UsageError("--steps and --batch-size must be >= 1, --warmup and --workers >= 0")
+    levers = _lever_names(args.levers)
+    device = resolve_device(args.device)
+    say = (lambda *_: None) if args.json else (lambda m: print(m, flush=True))
+    env = environment(device)
+    say(f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads, flags {' '.join(env['cpu_flags'])}, "
+        f"native bf16: {env['bf16_native']}; torch {env['torch']}; load average {env['load_average']}")  # fmt: skip
+
+    pk = peaks(device, args.peak_size, args.bf16_peak_size)
+    say(f"matmul peaks: fp32 {pk['fp32_peak_gflops']:.1f} GFLOP/s ({args.peak_size}^2), "
+        f"bf16 {pk['bf16_peak_gflops']:.2f} GFLOP/s ({args.bf16_peak_size}^2): bf16/fp32 = {pk['bf16_over_fp32_peak']:.3f}")  # fmt: skip
+
+    train, _ = load_dataset(args.dataset, root=args.data_root)
+    c, h, _w = train.images.shape[1:]
+    size = args.resize or h
+    probe = create_model(args.model, num_classes=len(train.classes), in_chans=c)
+    fwd_flops, train_flops = training_flops_per_image(probe, c, size, torch.device("cpu"))
+    del probe
+
+    ref = ReferenceTrainer(train, model=args.model, batch_size=batch, resize=args.resize or None,
+                           num_workers=args.workers, seed=args.seed, device=device)  # fmt: skip
+    ours = ResnetlabTrainer(train, model=args.model, batch_size=batch, resize=args.resize or None, seed=args.seed,
+                            device=device, channels_last=args.channels_last, compile=args.compile,
+                            precision=args.precision)  # fmt: skip
+    t0 = time.perf_counter()
+    if args.compile:
+        ours.step()  # compilation outside the timed span (reported)
+    compile_seconds = time.perf_counter() - t0 if args.compile else 0.0
+    say(f"timing {steps} steps of batch {batch} each ({args.model} at {size} px, {warmup} warm-up steps, "
+        f"reference DataLoader with {args.workers} workers; resnetlab {ours.precision}"
+        f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''})")  # fmt: skip
+    r = interleaved({"reference": ref, "resnetlab": ours}, steps, warmup)
+    ref_ips, our_ips = r["reference"]["images_per_s"], r["resnetlab"]["images_per_s"]
+    gflops = our_ips * train_flops / 1e9
+    ref_gflops = ref_ips * train_flops / 1e9
+    del ref, ours
+
+    lever_results: dict[str, Any] = {}
+    if levers:
+        base = {"channels_last": args.channels_last, "compile": False, "precision": "fp32", "data": "memory"}
+        lever_results = measure_levers(train, levers, model=args.model, batch_size=args.lever_batch_size,
+                                       resize=args.resize or None, steps=args.lever_steps, warmup=1, device=device,
+                                       num_workers=args.workers, base=base, log=say)  # fmt: skip
+
+    result = {
+        "reference_images_per_s": round(ref_ips, 2),
+        "resnetlab_images_per_s": round(our_ips, 2),
+        "ratio": round(our_ips / ref_ips, 3),
+        "ratio_median_step": round(r["resnetlab"]["median_step_images_per_s"] / r["reference"]["median_step_images_per_s"], 3),
+        "gflops_per_s": round(gflops, 2),
+        "reference_gflops_per_s": round(ref_gflops, 2),
+        "train_gflops_per_image": round(train_flops / 1e9, 4),
+        "forward_gflops_per_image": round(fwd_flops / 1e9, 4),
+        **{k: pk[k] for k in ("fp32_peak_gflops", "bf16_peak_gflops", "bf16_over_fp32_peak", "peak_sizes")},
+        "fraction_of_fp32_peak": round(gflops / pk["fp32_peak_gflops"], 4),
+        "fraction_of_bf16_peak": round(gflops / pk["bf16_peak_gflops"], 4),
+        "reference_fraction_of_fp32_peak": round(ref_gflops / pk["fp32_peak_gflops"], 4),
+        "model": args.model, "resize": size, "dataset": args.dataset, "batch_size": batch, "steps": steps,
+        "warmup": warmup, "seed": args.seed, "reference_workers": args.workers,
+        "precision": ResnetlabTrainer.resolved_precision(args.precision, device),
+        "channels_last": args.channels_last, "compile": args.compile, "compile_seconds": round(compile_seconds, 1),
+        "step_seconds": {k: v["step_seconds"] for k, v in r.items()},
+        "levers": {k: v["ratio"] for k, v in lever_results.items()},
+        "lever_details": lever_results,
+        **env,
+    }  # fmt: skip
+    say(f"reference (chapter loop): {ref_ips:.1f} images/s ({ref_gflops:.1f} GFLOP/s)")
+    say(f"resnetlab:                {our_ips:.1f} images/s ({gflops:.1f} GFLOP/s = {result['fraction_of_fp32_peak']:.0%} of "
+        f"the fp32 peak, {result['fraction_of_bf16_peak']:.1f}x the bf16 peak)")  # fmt: skip
+    say(f"speed-up: x{result['ratio']:.2f} (median step: x{result['ratio_median_step']:.2f}); "
+        f"training FLOPs per image {train_flops / 1e9:.2f} G (3 x forward would be {3 * fwd_flops / 1e9:.2f} G)")  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,140 @@
+"""``resnetlab bench time-to-accuracy``: wall-clock from process start to a test accuracy.
+
+For each seed, ``python -m resnetlab train --recipe RECIPE --seed S --out TMP --force [extra]`` runs
+as a child process. Its stdout is a pipe, so it prints one line per epoch (``epoch E/N: ...,
+test acc A, ...``); each line is timestamped as it arrives, relative to just before the process
+was started, so the figure includes Python's start-up, imports, data loading and evaluation. The
+exact accuracy of the epoch is read from the run directory's ``metrics.jsonl`` (written before the
+line is printed); the printed, rounded one is the fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from resnetlab.errors import ResnetlabError, UsageError
+
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): .*?test acc ([0-9.]+)")
+
+
+class TrainFailed(ResnetlabError):
+    """The training child process exited with an error."""
+
+
+def _exact_acc(run_dir: Path, epoch: int) -> float | None:
+    try:
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row.get("epoch") == epoch:
+                return float(row["test_acc"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def time_one_seed(recipe: str, seed: int, target: float, extra: list[str], device: str | None,
+                  say: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Run one training process; return when and where it reached ``target`` and its total time."""
+    with tempfile.TemporaryDirectory(prefix="resnetlab-tta-") as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "resnetlab", "train", "--recipe", recipe, "--seed", str(seed), "--out", str(run_dir),
+               "--force", *(["--device", device] if device else []), *extra]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        err_path = Path(tmp) / "stderr.txt"
+        epochs: list[dict[str, Any]] = []
+        crossed: dict[str, Any] | None = None
+        with open(err_path, "w") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                t = time.perf_counter() - t0
+                m = EPOCH_LINE.match(line.strip())
+                if not m:
+                    continue
+                epoch = int(m.group(1))
+                acc = _exact_acc(run_dir, epoch)
+                acc = acc if acc is not None else float(m.group(3))
+                row = {"epoch": epoch, "of": int(m.group(2)), "test_acc": acc, "seconds": round(t, 2)}
+                epochs.append(row)
+                if say:
+                    say(f"  seed {seed}: {t:7.1f} s  {line.strip()}")
+                if crossed is None and acc >= target:
+                    crossed = row
+            rc = proc.wait()
+            total = time.perf_counter() - t0
+        if rc != 0:
+            tail = err_path.read_text().strip().splitlines()[-5:]
+            raise TrainFailed(f"`{shlex.join(cmd)}` exited with status {rc}: " + " | ".join(tail))
+        if not epochs:
+            raise TrainFailed(f"`{shlex.join(cmd)}` printed no epoch lines")
+    return {
+        "seed": seed, "reached": crossed is not None,
+        "seconds": crossed["seconds"] if crossed else None,
+        "epoch": crossed["epoch"] if crossed else None,
+        "accuracy": crossed["test_acc"] if crossed else epochs[-1]["test_acc"],
+        "final_accuracy": epochs[-1]["test_acc"], "epochs_run": len(epochs),
+        "total_seconds": round(total, 2), "history": epochs,
+    }  # fmt: skip
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median with "not reached" counted as infinitely slow: None when half or more did not reach."""
+    ranked = sorted(float("inf") if v is None else v for v in values)
+    if not ranked:
+        return None
+    m = statistics.median(ranked)
+    return None if m == float("inf") else round(m, 2)
+
+
+def run_tta_bench(args: argparse.Namespace) -> int:
+    from resnetlab.bench.machine import cpu_info
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, not {args.seeds}")
+    if not 0 < args.target <= 1:
+        raise UsageError(f"--target is an accuracy in (0, 1], not {args.target}")
+    extra = shlex.split(args.train_args or "")
+    for flag in ("--recipe", "--seed", "--out", "--force", "--resume", "--nproc"):
+        if any(a == flag or a.startswith(flag + "=") for a in extra):
+            raise UsageError(f"--train-args may not set {flag}: the benchmark sets it")
+    device = None if args.device == "auto" else args.device
+    say = (lambda *_: None) if args.json else (lambda m: print(m, flush=True))
+    runs = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        say(f"seed {seed}: resnetlab train --recipe {args.recipe} --seed {seed} {shlex.join(extra)}".rstrip())
+        r = time_one_seed(args.recipe, seed, args.target, extra, device, say)
+        runs.append(r)
+        if r["reached"]:
+            say(f"seed {seed}: {r['seconds']:.1f} s to test acc {r['accuracy']:.4f} >= {args.target} at epoch {r['epoch']} "
+                f"(process total {r['total_seconds']:.1f} s)")  # fmt: skip
+        else:
+            say(f"seed {seed}: not reached (final test acc {r['final_accuracy']:.4f} < {args.target}; "
+                f"process total {r['total_seconds']:.1f} s)")  # fmt: skip
+    med = median_or_none([r["seconds"] for r in runs])
+    say(f"median time to {args.target}: " + (f"{med:.1f} s" if med is not None else "not reached by most seeds")
+        + f" over {len(runs)} seed(s); median process total {statistics.median(r['total_seconds'] for r in runs):.1f} s")  # fmt: skip
+    if args.json:
+        info = cpu_info()
+        print(json.dumps({
+            "recipe": args.recipe, "target": args.target, "seeds": [r["seed"] for r in runs],
+            "seconds": [r["seconds"] for r in runs], "median_seconds": med,
+            "epochs": [r["epoch"] for r in runs], "accuracies": [r["accuracy"] for r in runs],
+            "reached": [r["reached"] for r in runs], "final_accuracies": [r["final_accuracy"] for r in runs],
+            "total_seconds": [r["total_seconds"] for r in runs],
+            "median_total_seconds": round(statistics.median(r["total_seconds"] for r in runs), 2),
+            "train_args": extra, "device": args.device, "cpu": info["cpu"], "cores": info["cores"],
+            "runs": runs,
+        }))  # fmt: skip
+    return 0

@@ -1,0 +1,195 @@
+"""Benchmarks (issue 5): the JSON contract of every `resnetlab bench` command at tiny settings, and
+the reference loop's faithfulness to the D2L chapter."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from resnetlab.bench import reference as ref
+from resnetlab.bench.engines import ResnetlabTrainer
+from resnetlab.bench.tta import EPOCH_LINE, median_or_none
+from resnetlab.cli import main
+from resnetlab.data import load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """One intra-op thread: tiny steps are all overhead, and two-thread OpenMP on a shared 2-core box
+    next to another job is ~10x slower (threads spin waiting for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the training child process
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-class, 28x28 greyscale image folder (48 train, 16 test): learnable in a few steps."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 8)):
+        for k, name in enumerate(("left", "right")):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = rng.integers(0, 60, (28, 28), dtype=np.uint8)
+                a[:, k * 14 : (k + 1) * 14] += 180
+                Image.fromarray(a).save(d / f"{i}.png")
+    return f"folder:{root}"
+
+
+def last_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference is the chapter's loop
+
+
+def test_reference_config_is_the_chapters(tiny_folder: str) -> None:
+    assert ref.CHAPTER["lr"] == 0.05 and ref.CHAPTER["batch_size"] == 256 and ref.CHAPTER["resize"] == 96
+    assert ref.CHAPTER["num_workers"] == 4 and ref.CHAPTER["precision"] == "fp32" and ref.CHAPTER["num_epochs"] == 10
+    train, _ = load_dataset(tiny_folder)
+    r = ref.ReferenceTrainer(train)  # every default is the chapter's
+    opt = r.optimizer
+    assert type(opt) is torch.optim.SGD and len(opt.param_groups) == 1
+    g = opt.param_groups[0]
+    assert g["lr"] == 0.05 and g["momentum"] == 0 and g["weight_decay"] == 0 and not g["nesterov"]
+    assert isinstance(r.loss, nn.CrossEntropyLoss) and r.loss.reduction == "mean" and r.loss.label_smoothing == 0
+    dl = r.loader
+    assert dl.batch_size == 256 and dl.num_workers == 4 and isinstance(dl.sampler, torch.utils.data.RandomSampler)
+    assert [type(t) for t in dl.dataset.transform.transforms] == [ref.Resize, ref.ToTensor]
+    assert dl.dataset.transform.transforms[0].size == 96
+    assert r.net.name == "d2l_resnet18"
+    for p in r.net.parameters():
+        assert p.dtype == torch.float32
+    conv = next(m for m in r.net.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous()  # NCHW, not channels_last
+    # Xavier-uniform: resnetlab's d2l engine, same seed, starts from the very same weights, and they
+    # are not PyTorch's default init
+    ours = ResnetlabTrainer(train, channels_last=False)
+    for (name, a), (_, b) in zip(r.net.state_dict().items(), ours.net.state_dict().items()):
+        assert torch.equal(a, b), name
+    torch.manual_seed(0)
+    default = ref.create_model("d2l_resnet18", num_classes=2)
+    assert not torch.equal(default[0][0].weight, r.net[0][0].weight)
+    bound = (6 / (1 * 49 + 64 * 49)) ** 0.5  # xavier_uniform bound of the 7x7 stem conv
+    assert r.net[0][0].weight.abs().max() <= bound and r.net[0][0].weight.abs().max() > 0.9 * bound
+
+
+def test_chapter_transform_is_pil_bilinear_then_to_tensor() -> None:
+    a = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
+    x = ref.chapter_transform(96)(Image.fromarray(a))
+    want = np.asarray(Image.fromarray(a).resize((96, 96), Image.BILINEAR), dtype=np.float32) / 255
+    assert x.shape == (1, 96, 96) and x.dtype == torch.float32
+    assert torch.allclose(x[0], torch.from_numpy(want))
+    assert ref.Resize(96)(Image.new("L", (28, 56))).size == (96, 192)  # an int matches the shorter edge
+
+
+def test_train_step_is_train_ch6s_body() -> None:
+    calls: list[str] = []
+
+    class Spy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append("forward")
+            return self.lin(x)
+
+    net = Spy()
+    opt = ref.chapter_optimizer(net)
+    orig_zero, orig_step = opt.zero_grad, opt.step
+    opt.zero_grad = lambda *a, **k: (calls.append("zero_grad"), orig_zero(*a, **k))[1]  # type: ignore[method-assign]
+    opt.step = lambda *a, **k: (calls.append("step"), orig_step(*a, **k))[1]  # type: ignore[method-assign]
+    before = net.lin.weight.detach().clone()
+    loss_sum, correct, n = ref.train_step(net, opt, nn.CrossEntropyLoss(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]),
+                                          torch.device("cpu"))  # fmt: skip
+    assert calls == ["zero_grad", "forward", "step"] and n == 5 and 0 <= correct <= 5 and loss_sum > 0
+    assert not torch.equal(before, net.lin.weight)
+
+
+def test_reference_script_in_bench_reexports_the_package_module() -> None:
+    g = runpy.run_path(str(ROOT / "bench" / "reference.py"), run_name="not_main")
+    assert g["train_ch6"] is ref.train_ch6 and g["CHAPTER"] is ref.CHAPTER
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON contracts
+
+PEAKS = ["--peak-size", "128", "--bf16-peak-size", "64"]
+
+
+def test_bench_train_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    r = last_json(capsys, ["bench", "train", "--dataset", tiny_folder, "--resize", "32", "--steps", "1", "--warmup", "1",
+                           "--batch-size", "8", "--workers", "0", "--levers", "channels_last", "--lever-batch-size", "4",
+                           "--lever-steps", "1", *PEAKS, "--json"])  # fmt: skip
+    for key in ("reference_images_per_s", "resnetlab_images_per_s", "ratio", "gflops_per_s", "fp32_peak_gflops",
+                "bf16_peak_gflops", "fraction_of_fp32_peak", "fraction_of_bf16_peak", "device", "cpu", "steps", "levers"):  # fmt: skip
+        assert key in r, key
+    assert r["reference_images_per_s"] > 0 and r["resnetlab_images_per_s"] > 0 and r["fp32_peak_gflops"] > 0
+    assert r["ratio"] == pytest.approx(r["resnetlab_images_per_s"] / r["reference_images_per_s"], rel=0.02)
+    assert r["fraction_of_fp32_peak"] == pytest.approx(r["gflops_per_s"] / r["fp32_peak_gflops"], rel=0.02)
+    assert r["steps"] == 1 and r["batch_size"] == 8 and r["resize"] == 32 and r["device"] == "cpu"
+    assert set(r["levers"]) == {"channels_last"} and r["levers"]["channels_last"] > 0
+    # training FLOPs: forward + backward, a little under 3 x forward (the stem needs no input gradient)
+    assert 2 * r["forward_gflops_per_image"] < r["train_gflops_per_image"] <= 3 * r["forward_gflops_per_image"]
+    assert len(r["step_seconds"]["reference"]) == len(r["step_seconds"]["resnetlab"]) == 1
+
+
+def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "train", "--levers", "warp_drive"]) == 2
+    assert "unknown lever" in capsys.readouterr().err
+
+
+def test_bench_infer_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    r = last_json(capsys, ["bench", "infer", "--dataset", tiny_folder, "--resize", "32", "--batch-sizes", "1,4",
+                           "--reps", "1", "--small-reps", "2", *PEAKS, "--json"])  # fmt: skip
+    for bs in ("1", "4"):
+        b = r[f"batch{bs}"]
+        assert b["resnetlab_images_per_s"] > 0 and b["reference_images_per_s"] > 0 and b["resnetlab_latency_ms"] > 0
+        assert b["best_variant"] in r["variants"] and b["best_variant"] != "reference"
+    assert {"reference", "nchw", "channels_last", "channels_last_bn_folded"} <= set(r["variants"])
+    assert r["device"] == "cpu" and r["cpu"] and r["fp32_peak_gflops"] > 0
+    assert r["latency_ms_batch1"] == r["batch1"]["resnetlab_latency_ms"] and r["images_per_s_batch4"] > 0
+
+
+def test_bench_time_to_accuracy_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    r = last_json(capsys, ["bench", "time-to-accuracy", "--recipe", "fast", "--target", "0.01", "--seeds", "1",
+                           "--train-args", f"--dataset {tiny_folder} --epochs 2 --width 8 --batch-size 16 --no-tta",
+                           "--json"])  # fmt: skip
+    assert r["seeds"] == [0] and r["reached"] == [True] and r["epochs"] == [1]
+    assert 0 < r["seconds"][0] <= r["total_seconds"][0] and r["median_seconds"] == r["seconds"][0]
+    assert r["accuracies"][0] >= 0.01 and len(r["runs"][0]["history"]) == 2
+    assert {"seconds", "median_seconds", "epochs", "accuracies", "total_seconds"} <= set(r)
+
+
+def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str]) -> None:
+    m = EPOCH_LINE.match("epoch 3/5: loss 0.412, train acc 0.861, test acc 0.925, 812.3 examples/sec, 70.2 s")
+    assert m and m.groups() == ("3", "5", "0.925")
+    assert median_or_none([3.0, None, 1.0]) == 3.0 and median_or_none([None, None, 1.0]) is None
+    assert main(["bench", "time-to-accuracy", "--train-args", "--seed 3"]) == 2
+    assert "may not set --seed" in capsys.readouterr().err
+
+
+def test_accuracy_holds_script_runs_tiny(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    script = runpy.run_path(str(ROOT / "bench" / "accuracy_holds.py"), run_name="not_main")
+    code = script["main"](["--epochs", "1", "--resize", "32", "--workers", "0", "--dataset", tiny_folder,
+                           "--tolerance", "100", "--json"])  # fmt: skip
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and r["ok"] and 0 <= r["reference_test_acc"] <= 1 and 0 <= r["resnetlab_test_acc"] <= 1
+    assert r["epochs"] == 1 and len(r["reference_history"]) == len(r["resnetlab_history"]) == 1
