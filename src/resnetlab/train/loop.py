@@ -123,6 +123,35 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     return mean.tolist(), std.tolist()
 
 
+@torch.no_grad()
+def check_train_size(net: nn.Module, size: int, in_chans: int, name: str) -> None:
+    """Refuse sizes at which a downsampling layer would see a 1-pixel map.
+
+    Every ResNet here runs at any size (padding keeps maps >= 1x1), but below this limit the
+    later stages compute on padding alone: a waste that is almost always a mistake. Probed on a
+    shape-only (meta) copy of the network, so it costs nothing.
+    """
+    import copy
+
+    probe = copy.deepcopy(net).to("meta").eval()
+    seen: list[int] = []
+    for m in probe.modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and (m.stride if isinstance(m.stride, int) else m.stride[0]) > 1:
+            m.register_forward_pre_hook(lambda module, inputs: seen.append(min(inputs[0].shape[-2:])))
+
+    def smallest_map(side: int) -> int:
+        seen.clear()
+        probe(torch.zeros(1, in_chans, side, side, device="meta"))
+        return min(seen, default=side)
+
+    if smallest_map(size) < 2:
+        smallest = next(s for s in range(size + 1, 4097) if smallest_map(s) >= 2)
+        raise UsageError(
+            f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; "
+            f"use --resize {smallest} or more, or --stem small"
+        )
+
+
 def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
     """Learning-rate multiplier at ``step`` (a pure function: nothing to save but the step)."""
     if recipe.schedule == "constant":
@@ -264,6 +293,11 @@ def train(
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, not {checkpoint_every}")
     resumed: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    restarted = dist.restarted_run(out) if resume is None else None  # torchelastic restarted this worker group
+    if restarted == "resume":  # continue from the last checkpoint, as --resume would
+        resume, overrides = out, {"device": overrides.get("device")}
+    elif restarted == "restart":  # the failure came before the first checkpoint: start over
+        force = True
     if resume is not None:
         tensors, meta = read_checkpoint(resume)
         changed = {k: v for k, v in overrides.items() if v is not None and k != "device"}
@@ -279,6 +313,8 @@ def train(
 
     ctx = dist.setup(resolve_device(recipe.device))
     device = ctx.device
+    if resumed:
+        dist.check_world_size(resumed[1].get("world_size"), ctx, run_dir)
     if run_dir is None:
         run_dir = prepare_run_dir(recipe, out, force) if ctx.is_main else Path(out or ".")
         run_dir = Path(dist.broadcast_object(str(run_dir)))
@@ -297,8 +333,7 @@ def train(
     c, h, w = train_split.images.shape[1:]
     size = recipe.resize or None
     if recipe.normalize:
-        mean, std = resumed[1]["preprocessing"]["mean"] if resumed else None, None
-        mean, std = channel_stats(train_split.images)
+        mean, std = channel_stats(train_split.images)  # a resumed run restores its saved values
     else:
         mean, std = [0.0] * c, [1.0] * c
     preprocess = Preprocess(size, mean, std).to(device)
@@ -313,6 +348,7 @@ def train(
     torch.manual_seed(recipe.seed)
     net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
     check_input_size(net, size or min(h, w))
+    check_train_size(net, size or min(h, w), c, recipe.model)
     if recipe.init == "xavier":
         xavier_init(net)
     if init_from and not resumed:
@@ -320,7 +356,7 @@ def train(
 
         load_pretrained(net, init_from)
     if ctx.world_size > 1 and recipe.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = dist.convert_sync_batchnorm(net, device)
     net.to(device)
     if recipe.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -345,9 +381,10 @@ def train(
         tensors, meta = resumed
         _restore(tensors, meta, net, optimizer, scaler, preprocess, device)
         epoch, start_step = meta["position"]["epoch"], meta["position"]["step"]
-        sums, history = meta["sums"], meta["history"]
+        sums, history = dist.share_of_sums(meta["sums"], ctx), meta["history"]
         if ctx.is_main:
             print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
+    dist.check_agree((epoch, start_step, len(history)), "where the run stands (epoch, step, finished epochs)")
     meta_static = {
         "model": {"name": net_name(net), "options": net_options(net)},
         "classes": train_split.classes,
@@ -365,15 +402,17 @@ def train(
     if ctx.is_main:
         write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
                                              "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
-                                             "lr_applied": lr, "seed": recipe.seed, **environment(device)})  # fmt: skip
+                                             "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
+                                             **environment(device)})  # fmt: skip
 
     def checkpoint(at_epoch: int, at_step: int) -> None:
         """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise NonFiniteLoss(f"weights became non-finite at epoch {at_epoch + 1}, step {at_step}; checkpoint not written")
+        saved_sums = dist.global_sums(sums, device)  # the epoch so far over all ranks
         if ctx.is_main:
             save_checkpoint(run_dir / CHECKPOINT_NAME, _state_tensors(net, optimizer, device),
-                            {**meta_static, "position": {"epoch": at_epoch, "step": at_step}, "sums": sums,
+                            {**meta_static, "position": {"epoch": at_epoch, "step": at_step}, "sums": saved_sums,
                              "history": history, "optimizer": _optimizer_groups(optimizer),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None})  # fmt: skip
         dist.barrier()
@@ -413,6 +452,7 @@ def train(
                 loss_sum += loss.detach().double() * len(labels)
                 correct += (logits.argmax(dim=1) == labels).sum()
                 count += len(labels)
+                dist.record_step_loss(epoch, step, loss, len(labels))
                 if bar is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
                     done = sums["count"] + count
                     elapsed = sums["seconds"] + time.perf_counter() - t_epoch
@@ -439,6 +479,7 @@ def train(
 
             # End of epoch: metrics over all ranks, test accuracy in eval mode on the full test split.
             totals = dist.all_reduce_sum(torch.tensor([sums["loss"], sums["correct"], sums["count"]], dtype=torch.float64, device=device)).tolist()
+            dist.broadcast_buffers(net)  # every rank evaluates rank 0's BatchNorm statistics, as checkpointed
             confusion = evaluate(classifier, test_loader, len(train_split.classes))
             row = {
                 "epoch": epoch + 1,
