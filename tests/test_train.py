@@ -1,0 +1,247 @@
+"""Training (issue 4): recipes, the loop, the run directory, resume, faults, bad input, using the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnetlab.cli import main
+from resnetlab.train import RECIPES, NonFiniteLoss, load_checkpoint, train
+from resnetlab.train import loop as loop_module
+from resnetlab.train.checkpoint import read_checkpoint
+
+TINY = dict(model="resnet10", width=8, subset=512, batch_size=64, epochs=2, progress=False)
+TINY_FLAGS = ["--model", "resnet10", "--width", "8", "--subset", "512", "--batch-size", "64", "--epochs", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return train("fast", out=out, **{**TINY, "epochs": 3, "subset": 2048})
+
+
+def test_tiny_model_learns(tiny_run) -> None:
+    losses = [row["train_loss"] for row in tiny_run.history]
+    assert losses[-1] < losses[0] * 0.8
+    assert tiny_run.test_acc > 0.5  # chance is 0.1
+
+
+def test_run_directory_contents(tiny_run) -> None:
+    d = tiny_run.run_dir
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "last.safetensors"):
+        assert (d / name).stat().st_size > 0, name
+    config = json.loads((d / "config.json").read_text())
+    assert config["recipe"]["model"] == "resnet10" and config["seed"] == 0
+    assert {"torch", "python", "device", "git_commit", "resnetlab"} <= set(config)
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert {"train_loss", "train_acc", "test_acc", "images_per_s", "seconds"} <= set(rows[0])
+    csv_lines = (d / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,train_loss,train_acc,test_acc") and len(csv_lines) == 4
+    assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_metadata_and_no_pickle(tiny_run) -> None:
+    tensors, meta = read_checkpoint(tiny_run.checkpoint)
+    assert meta["model"]["name"] == "resnet10" and meta["model"]["options"]["width"] == 8
+    assert meta["classes"][0] == "T-shirt/top" and meta["preprocessing"]["size"] is None
+    assert meta["position"] == {"epoch": 3, "step": 0}
+    assert any(k.startswith("optim.") for k in tensors) and "rng.cpu" in tensors
+
+
+def test_eval_equals_training_log(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tiny_run.run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["accuracy"] == tiny_run.test_acc
+    assert result["images"] == 10_000 and len(result["per_class_accuracy"]) == 10
+    assert sum(map(sum, result["confusion"])) == 10_000
+
+
+def test_load_checkpoint_api(tiny_run) -> None:
+    from resnetlab.data import load_dataset
+
+    model = load_checkpoint(tiny_run.run_dir)
+    assert not model.training and model.classes[9] == "Ankle boot"
+    _, test = load_dataset("fashion-mnist")
+    x = test.images[:200].float() / 255
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == test.labels[:200]).float().mean().item()
+    assert acc > 0.5
+
+
+def test_predict_png_jpeg_and_bad_file(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from resnetlab.data import load_dataset
+
+    _, test = load_dataset("fashion-mnist")
+    png, jpg, bad = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.png"
+    Image.fromarray(test.images[0, 0].numpy()).save(png)
+    Image.fromarray(test.images[1, 0].numpy()).convert("RGB").resize((56, 56)).save(jpg)
+    bad.write_text("not an image")
+    code = main(["predict", str(tiny_run.run_dir), str(png), str(bad), str(jpg), "--json", "--topk", "2"])
+    captured = capsys.readouterr()
+    assert code == 2 and "c.png" in captured.err and "not a readable image" in captured.err
+    results = json.loads(captured.out)
+    assert [r["image"] for r in results] == [str(png), str(bad), str(jpg)]
+    assert len(results[0]["top"]) == 2 and "error" in results[1]
+    assert abs(sum(t["probability"] for t in results[2]["top"])) <= 1.0 + 1e-6
+
+
+def test_d2l_recipe_matches_the_chapter() -> None:
+    r = RECIPES["d2l"]
+    chapter = dict(model="d2l_resnet18", dataset="fashion-mnist", epochs=10, batch_size=256, lr=0.05, resize=96,
+                   optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant", label_smoothing=0.0,
+                   augment="none", normalize=False, init="xavier", precision="fp32", tta=False, subset=0)  # fmt: skip
+    assert {k: getattr(r, k) for k in chapter} == chapter
+
+
+def test_d2l_output_has_the_chapters_two_lines(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnetlab", "train", "--recipe", "d2l", "--subset", "256", "--epochs", "1",
+         "--resize", "32", "--width", "8", "--out", str(tmp_path / "d2l")],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "training on cpu"
+    i = next(i for i, line in enumerate(lines) if line.startswith("loss "))
+    assert re.fullmatch(r"loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}", lines[i])
+    assert re.fullmatch(r"\d+\.\d examples/sec on cpu", lines[i + 1])
+    config = json.loads((tmp_path / "d2l" / "config.json").read_text())
+    assert config["precision"] == "fp32" and config["recipe"]["init"] == "xavier"
+
+
+def _model_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = read_checkpoint(run_dir)
+    return {k: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "resnetlab", "train", "--recipe", "fast", *TINY_FLAGS, "--out", str(out), *extra]
+
+
+def _wait_for_checkpoints(proc: subprocess.Popen, path: Path, count: int, timeout: float = 120) -> None:
+    """Wait until ``path`` has been (re)written ``count`` times."""
+    seen, last = 0, None
+    deadline = time.monotonic() + timeout
+    while seen < count:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if stamp is not None and stamp != last:
+            seen, last = seen + 1, stamp
+        time.sleep(0.01)
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_train_cmd(reference), check=True, env=ENV, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, "--checkpoint-every", "1"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for_checkpoints(proc, killed / "last.safetensors", 5)  # mid-epoch 1 (8 steps per epoch)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    _, meta = read_checkpoint(killed)
+    assert meta["position"]["epoch"] in (0, 1) and len(meta["history"]) == meta["position"]["epoch"]
+    resumed = subprocess.run([sys.executable, "-m", "resnetlab", "train", "--resume", str(killed)],
+                             env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a, b = _model_tensors(reference), _model_tensors(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [(r["train_loss"], r["test_acc"]) for r in rows] == [(r["train_loss"], r["test_acc"]) for r in ref_rows]
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out, "--checkpoint-every", "2"), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for_checkpoints(proc, out / "last.safetensors", 1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted at epoch" in lines[0] and "--resume" in lines[0]
+    _, meta = read_checkpoint(out)
+    assert meta["position"]["step"] > 0 or meta["position"]["epoch"] > 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = loop_module.train_inputs
+    calls = {"n": 0}
+
+    def poisoned(images, recipe, preprocess, gen):
+        calls["n"] += 1
+        x = real(images, recipe, preprocess, gen)
+        return x * float("nan") if calls["n"] > 8 else x  # epoch 2, first step
+
+    monkeypatch.setattr(loop_module, "train_inputs", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 0 \(lr"):
+        train("fast", out=out, **TINY)
+    _, meta = read_checkpoint(out)
+    assert meta["position"] == {"epoch": 1, "step": 0}
+    assert all(torch.isfinite(v).all() for k, v in _model_tensors(out).items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "0"], "lr must be > 0"),
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--batch-size", "0"], "batch size must be >= 1"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--recipe", "fastest"], "unknown recipe 'fastest'"),
+        (["--model", "resnet19"], "did you mean"),
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--resize", "8", "--model", "resnet18", "--stem", "imagenet"], "too small"),
+        (["--augment", "rotate"], "unknown augmentation"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = main(["train", "--subset", "64", "--out", str(out), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and message in err
+    assert not (out / "last.safetensors").exists()
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:
+    before = tiny_run.checkpoint.read_bytes()
+    assert main(["train", "--out", str(tiny_run.run_dir), "--subset", "64", "--epochs", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert tiny_run.checkpoint.read_bytes() == before
+
+
+def test_pickle_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    assert main(["eval", str(path)]) == 2
+    assert "never unpickles" in capsys.readouterr().err
+
+
+def test_resume_refuses_overrides(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--resume", str(tiny_run.run_dir), "--lr", "0.1"]) == 2
+    assert "--lr" in capsys.readouterr().err
+
+
+def test_python_api_accepts_a_recipe_object(tmp_path: Path) -> None:
+    recipe = dataclasses.replace(RECIPES["fast"], model="resnet10", width=8, subset=128, epochs=1, batch_size=64)
+    result = train(recipe, out=tmp_path / "r", progress=False)
+    assert result.checkpoint.exists() and 0 <= result.test_acc <= 1 and np.isfinite(result.train_loss)
