@@ -14,6 +14,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
+from resnetlab.bench.machine import num_threads, synchronize
 from resnetlab.bench.reference import PILDataset, chapter_transform, forever
 from resnetlab.data import BatchLoader, Preprocess, Split
 from resnetlab.models import create_model
@@ -69,10 +70,6 @@ class ResnetlabTrainer:
             raise ValueError(f"data must be 'memory' or 'dataloader', not {data!r}")
         self.steps = 0
 
-    @staticmethod
-    def resolved_precision(precision: str, device: torch.device) -> str:
-        return resolve_precision(precision, device)
-
     def _memory_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = 0
         while True:
@@ -102,11 +99,6 @@ class ResnetlabTrainer:
         return len(labels)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved(steppers: dict[str, Stepper], steps: int, warmup: int) -> dict[str, dict[str, Any]]:
     """Warm every stepper up, then time ``steps`` steps of each, alternating who goes first.
 
@@ -117,7 +109,7 @@ def interleaved(steppers: dict[str, Stepper], steps: int, warmup: int) -> dict[s
     for _ in range(warmup):
         for s in steppers.values():
             s.step()
-            _sync(s.device)
+            synchronize(s.device)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     images: dict[str, int] = {name: 0 for name in steppers}
     names = list(steppers)
@@ -126,7 +118,7 @@ def interleaved(steppers: dict[str, Stepper], steps: int, warmup: int) -> dict[s
             s = steppers[name]
             t0 = time.perf_counter()
             n = s.step()
-            _sync(s.device)
+            synchronize(s.device)
             times[name].append(time.perf_counter() - t0)
             images[name] += n
     out = {}
@@ -150,12 +142,8 @@ class WithThreads:
         self.inner, self.threads, self.device = inner, threads, inner.device
 
     def step(self) -> int:
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with num_threads(self.threads):
             return self.inner.step()
-        finally:
-            torch.set_num_threads(before)
 
 
 def measure_levers(train: Split, names: list[str], *, model: str, batch_size: int, resize: int | None, steps: int,

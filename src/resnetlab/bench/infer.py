@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from resnetlab.bench.machine import environment, peaks
+from resnetlab.bench.machine import environment, num_threads, peaks, synchronize
 from resnetlab.bench.reference import chapter_transform, init_weights
 from resnetlab.data import Preprocess, load_dataset, to_float
 from resnetlab.errors import UsageError
@@ -44,11 +44,6 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     return fuse(copy.deepcopy(net).eval(), inplace=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_infer_bench(args: argparse.Namespace) -> int:
@@ -97,12 +92,8 @@ def run_infer_bench(args: argparse.Namespace) -> int:
     }
 
     def folded_one_thread(u: torch.Tensor) -> torch.Tensor:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with num_threads(1):
             return folded(to_float(u.to(device)))
-        finally:
-            torch.set_num_threads(before)
 
     if torch.get_num_threads() > 1:
         variants["channels_last_bn_folded_1thread"] = folded_one_thread  # the machine's lever, not resnetlab's
@@ -131,13 +122,13 @@ def run_infer_bench(args: argparse.Namespace) -> int:
             reps = args.reps if bs > 8 else max(args.reps, args.small_reps)
             for fn in variants.values():  # warm-up
                 fn(images)
-            _sync(device)
+            synchronize(device)
             times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(reps):
                 for name, fn in variants.items():
                     t0 = time.perf_counter()
                     fn(images)
-                    _sync(device)
+                    synchronize(device)
                     times[name].append(time.perf_counter() - t0)
             for name, ts in times.items():
                 med = statistics.median(ts)

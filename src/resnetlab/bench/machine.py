@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import platform
 import time
+from contextlib import contextmanager
 from datetime import date
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+from resnetlab.train.loop import bf16_is_fast
 
 # CPU flags that decide which precisions are fast
 INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "asimd", "sve")
@@ -40,7 +43,7 @@ def cpu_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "bf16_native": bf16_is_fast(torch.device("cpu")),
     }
 
 
@@ -57,9 +60,21 @@ def environment(device: torch.device) -> dict[str, Any]:
             "load_average": load, "date": date.today().isoformat()}  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): call before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def num_threads(threads: int) -> Iterator[None]:
+    """Run the body with ``threads`` intra-op threads, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def matmul_peak_gflops(n: int, dtype: torch.dtype, device: torch.device, reps: int = 3) -> float:
@@ -68,12 +83,12 @@ def matmul_peak_gflops(n: int, dtype: torch.dtype, device: torch.device, reps: i
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(max(1, reps)):
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 

@@ -256,24 +256,17 @@ def train_ch6(net: nn.Module, train_iter: torch.utils.data.DataLoader, test_iter
     return {**last, "compute_images_per_s": seen / compute, "history": history}
 
 
-def subset_like_resnetlab(split: Split, subset: int, seed: int) -> Split:
-    """The same seeded subset ``resnetlab train --subset N --seed S`` trains on."""
-    if not subset:
-        return split
-    pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:subset]
-    return split.subset(pick.sort().values)
-
-
 def run_reference(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 256, resize: int | None = 96,
                   num_workers: int = 4, seed: int = 0, subset: int = 0, model: str = "d2l_resnet18",
                   dataset: str = "fashion-mnist", data_root: str | None = None, device: str = "auto",
                   log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Train the chapter's way end to end; returns train_ch6's figures."""
-    from resnetlab.train.loop import resolve_device
+    from resnetlab.train.loop import resolve_device, seeded_subset
 
     dev = resolve_device(device)
     train, test = load_dataset(dataset, root=data_root)
-    train = subset_like_resnetlab(train, subset, seed)
+    if subset:  # the same images `resnetlab train --subset N --seed S` trains on
+        train = seeded_subset(train, subset, seed)
     train_iter, test_iter = load_data(train, test, batch_size, resize, num_workers)
     net = chapter_net(model, len(train.classes), train.images.shape[1], seed=seed)
     return train_ch6(net, train_iter, test_iter, epochs, lr, dev, log=log)

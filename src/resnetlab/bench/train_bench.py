@@ -37,7 +37,7 @@ def _lever_names(text: str | None) -> list[str]:
 
 
 def run_train_bench(args: argparse.Namespace) -> int:
-    from resnetlab.train.loop import resolve_device
+    from resnetlab.train.loop import resolve_device, resolve_precision
 
     steps, warmup, batch = args.steps, args.warmup, args.batch_size
     if steps < 1 or warmup < 0 or batch < 1 or args.workers < 0:
@@ -100,7 +100,7 @@ def run_train_bench(args: argparse.Namespace) -> int:
         "reference_fraction_of_fp32_peak": round(ref_gflops / pk["fp32_peak_gflops"], 4),
         "model": args.model, "resize": size, "dataset": args.dataset, "batch_size": batch, "steps": steps,
         "warmup": warmup, "seed": args.seed, "reference_workers": args.workers,
-        "precision": ResnetlabTrainer.resolved_precision(args.precision, device),
+        "precision": resolve_precision(args.precision, device),
         "channels_last": args.channels_last, "compile": args.compile, "compile_seconds": round(compile_seconds, 1),
         "step_seconds": {k: v["step_seconds"] for k, v in r.items()},
         "levers": {k: v["ratio"] for k, v in lever_results.items()},

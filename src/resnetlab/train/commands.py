@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-import torch
-
 from resnetlab.errors import UsageError
 
 # CLI flag -> recipe field (flags whose value is None leave the recipe's value in place).

@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -121,6 +121,14 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     mean = total / n
     std = (total_sq / n - mean * mean).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()
+
+
+def seeded_subset(split: Split, n: int, seed: int) -> Split:
+    """``--subset N --seed S``: a random N-image subset of ``split`` (kept in the split's order)."""
+    if n > len(split):
+        raise UsageError(f"--subset {n} is larger than the {len(split)}-image training split")
+    pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    return split.subset(pick.sort().values)
 
 
 @torch.no_grad()
@@ -326,10 +334,7 @@ def train(
     # Data: whole splits as uint8 tensors on the device.
     train_split, test_split = load_dataset(recipe.dataset, root=data_root)
     if recipe.subset:
-        if recipe.subset > len(train_split):
-            raise UsageError(f"--subset {recipe.subset} is larger than the {len(train_split)}-image training split")
-        pick = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(recipe.seed))[: recipe.subset]
-        train_split = train_split.subset(pick.sort().values)
+        train_split = seeded_subset(train_split, recipe.subset, recipe.seed)
     c, h, w = train_split.images.shape[1:]
     size = recipe.resize or None
     if recipe.normalize:
@@ -427,7 +432,7 @@ def train(
                 bar.update(start_step)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
-            count, seconds, compute_seconds = 0, 0.0, 0.0
+            count, compute_seconds = 0, 0.0
             t_epoch = time.perf_counter()
             for step, (images, labels) in enumerate(train_loader.batches(epoch, start_step), start=start_step):
                 global_step = epoch * steps_per_epoch + step
@@ -549,7 +554,7 @@ def _fold(sums: dict[str, Any], loss_sum: torch.Tensor, correct: torch.Tensor, c
 
 
 def _state_tensors(net: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v for k, v in _plain_state_dict(net).items()}
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
@@ -558,11 +563,6 @@ def _state_tensors(net: nn.Module, optimizer: torch.optim.Optimizer, device: tor
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     return tensors
-
-
-def _plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with SyncBatchNorm saved as plain BatchNorm keys (they are the same)."""
-    return dict(net.state_dict())
 
 
 def _optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
