@@ -245,3 +245,16 @@ def test_python_api_accepts_a_recipe_object(tmp_path: Path) -> None:
     recipe = dataclasses.replace(RECIPES["fast"], model="resnet10", width=8, subset=128, epochs=1, batch_size=64)
     result = train(recipe, out=tmp_path / "r", progress=False)
     assert result.checkpoint.exists() and 0 <= result.test_acc <= 1 and np.isfinite(result.train_loss)
+
+
+def test_every_recipe_field_has_a_train_flag() -> None:
+    from resnetlab.cli import build_parser
+    from resnetlab.train.commands import RECIPE_FLAGS
+    from resnetlab.train.recipes import Recipe
+
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    assert set(RECIPE_FLAGS) == fields
+    args = build_parser().parse_args(["train", "--no-nesterov", "--warmup", "0.1", "--crop-padding", "3", "--normalize",
+                                      "--init", "xavier", "--zero-init-residual", "--eval-batch-size", "7"])  # fmt: skip
+    assert (args.nesterov, args.warmup, args.crop_padding, args.normalize, args.init, args.zero_init_residual,
+            args.eval_batch_size) == (False, 0.1, 3, True, "xavier", True, 7)  # fmt: skip

@@ -62,10 +62,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize", type=int, help="train and test at this square size (0 keeps the native size)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--momentum", type=float)
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (SGD)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=["constant", "onecycle", "cosine"])
+    p.add_argument("--warmup", type=float, help="fraction of all steps spent warming up (onecycle, cosine)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", help="none, or a comma list of flip, crop, erase")
+    p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="standardise inputs with the training split's mean and std")
+    p.add_argument("--init", choices=["xavier", "default"], help="xavier (the chapter's) or the model's own")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -74,6 +80,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", type=int, help="train on a seeded random subset of N training images")
     p.add_argument("--width", type=int, help="model base width")
     p.add_argument("--stem", choices=["imagenet", "small"])
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero the last BatchNorm of every residual branch")
+    p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
     p.add_argument("--data-root", help="look for datasets here first")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
@@ -159,7 +168,7 @@ def _add_bench_common(b: argparse.ArgumentParser) -> None:
     b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnetlab", description="Residual networks: build, train, evaluate, export.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -168,7 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_train(sub)
     _add_use(sub)
     _add_bench(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return int(_handler(args.command)(args) or 0)
     except ResnetlabError as err:

@@ -10,9 +10,11 @@ import sys
 from resnetlab.errors import UsageError
 
 # CLI flag -> recipe field (flags whose value is None leave the recipe's value in place).
-RECIPE_FLAGS = ("model", "dataset", "epochs", "batch_size", "lr", "resize", "optimizer", "momentum", "weight_decay",
-                "schedule", "label_smoothing", "augment", "precision", "channels_last", "compile", "device", "seed",
-                "subset", "width", "stem", "tta", "sync_bn", "scale_lr")  # fmt: skip
+# Every Recipe field but its name (tests/test_train.py checks that none is missing).
+RECIPE_FLAGS = ("model", "dataset", "epochs", "batch_size", "lr", "resize", "optimizer", "momentum", "nesterov",
+                "weight_decay", "schedule", "warmup", "label_smoothing", "augment", "crop_padding", "normalize", "init",
+                "precision", "channels_last", "compile", "device", "seed", "subset", "width", "stem",
+                "zero_init_residual", "tta", "eval_batch_size", "sync_bn", "scale_lr")  # fmt: skip
 
 
 def run_train(args: argparse.Namespace) -> int:
