@@ -258,3 +258,30 @@ def test_every_recipe_field_has_a_train_flag() -> None:
                                       "--init", "xavier", "--zero-init-residual", "--eval-batch-size", "7"])  # fmt: skip
     assert (args.nesterov, args.warmup, args.crop_padding, args.normalize, args.init, args.zero_init_residual,
             args.eval_batch_size) == (False, 0.1, 3, True, "xavier", True, 7)  # fmt: skip
+
+
+HEAP_PROBE = r"""
+import ctypes
+from resnetlab.train.commands import bound_glibc_heap
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], MallInfo2
+applied = bound_glibc_heap()
+libc.free(libc.malloc(9 << 20))  # by default this free raises glibc's mmap threshold above 9 MiB
+block = libc.malloc(9 << 20)
+print(applied, libc.mallinfo2().hblkhd >= 9 << 20)  # was the second 9 MiB block mmapped?
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
+def test_train_command_keeps_large_activations_off_the_heap() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    probe = [sys.executable, "-c", HEAP_PROBE]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.split() == ["True", "True"]
+    # A user's own setting wins, and without the bound the block comes from the heap.
+    user = {**env, "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+    assert subprocess.run(probe, env=user, capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
