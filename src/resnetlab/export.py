@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
+from resnetlab.fileio import fsync_dir
 from resnetlab.onnx_runtime import META_CLASSES, META_INPUT_SHAPE, META_MODEL, require_onnx
 
 __all__ = ["export_onnx", "ExportResult", "run_export", "DEFAULT_OPSET", "MIN_OPSET", "TOLERANCE"]
@@ -186,19 +187,6 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if not np.isfinite(d).all() else float(d.max())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def export_onnx(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -259,7 +247,7 @@ def export_onnx(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return ExportResult(dest, opset, diff, source, dest.stat().st_size, tuple(notes))
 
 

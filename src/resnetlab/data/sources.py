@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resnetlab.errors import DataError, UsageError
+from resnetlab.fileio import fsync_dir
 
 FASHION_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -453,7 +454,7 @@ def _download_one(url: str, target: Path, fs: FileSpec, *, quiet: bool) -> None:
             if got != fs.content_sha256:
                 raise _Failure(f"checksum mismatch: content sha256 {got}, expected {fs.content_sha256}")
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -479,19 +480,6 @@ def _progress(total: int | None, desc: str, quiet: bool):
 
     # disable=None: a bar on a terminal, nothing when stderr is a file or pipe
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_empty(directory: Path) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from resnetlab.errors import CheckpointError
+from resnetlab.fileio import fsync_dir
 
 CHECKPOINT_NAME = "last.safetensors"
 FORMAT_VERSION = 1
@@ -43,11 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
