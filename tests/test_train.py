@@ -217,9 +217,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
 def test_bad_input_is_one_line_exit_2(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     code = main(["train", "--subset", "64", "--out", str(out), *flags])
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert code == 2 and "\n" not in err and message in err
-    assert not (out / "last.safetensors").exists()
+    assert not out.exists() and captured.out == ""  # no empty run directory, no "training on cpu" before the error
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:

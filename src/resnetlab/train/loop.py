@@ -327,9 +327,6 @@ def train(
         run_dir = prepare_run_dir(recipe, out, force) if ctx.is_main else Path(out or ".")
         run_dir = Path(dist.broadcast_object(str(run_dir)))
     precision = resolve_precision(recipe.precision, device)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
 
     # Data: whole splits as uint8 tensors on the device.
     train_split, test_split = load_dataset(recipe.dataset, root=data_root)
@@ -387,8 +384,6 @@ def train(
         _restore(tensors, meta, net, optimizer, scaler, preprocess, device)
         epoch, start_step = meta["position"]["epoch"], meta["position"]["step"]
         sums, history = dist.share_of_sums(meta["sums"], ctx), meta["history"]
-        if ctx.is_main:
-            print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
     dist.check_agree((epoch, start_step, len(history)), "where the run stands (epoch, step, finished epochs)")
     meta_static = {
         "model": {"name": net_name(net), "options": net_options(net)},
@@ -404,7 +399,11 @@ def train(
         "recipe": dataclasses.asdict(recipe),
         "world_size": ctx.world_size,
     }
-    if ctx.is_main:
+    if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
+        if resumed:
+            print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
         write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
                                              "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
                                              "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
