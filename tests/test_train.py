@@ -255,6 +255,7 @@ def test_every_recipe_field_has_a_train_flag() -> None:
 
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
     assert set(RECIPE_FLAGS) == fields
+    assert fields <= set(vars(build_parser().parse_args(["train"])))  # the parser has a flag for each
     args = build_parser().parse_args(["train", "--no-nesterov", "--warmup", "0.1", "--crop-padding", "3", "--normalize",
                                       "--init", "xavier", "--zero-init-residual", "--eval-batch-size", "7"])  # fmt: skip
     assert (args.nesterov, args.warmup, args.crop_padding, args.normalize, args.init, args.zero_init_residual,

@@ -35,13 +35,14 @@ class ResnetlabTrainer:
         data: ``"memory"`` (resnetlab: uint8 split on the device, one index per batch, batched
             resize) or ``"dataloader"`` (the chapter's per-sample PIL DataLoader feeding the same loop).
         precision: ``auto`` (bf16 only where it is native), ``fp32`` or ``bf16``.
+        base_recipe: the recipe whose other fields (width, stem, init, optimizer, augmentation) apply.
     """
 
-    def __init__(self, train: Split, *, model: str = "d2l_resnet18", batch_size: int = 256, resize: int | None = 96,
+    def __init__(self, train: Split, *, base_recipe: str = "d2l", model: str = "d2l_resnet18", batch_size: int = 256, resize: int | None = 96,
                  lr: float = 0.05, seed: int = 0, device: str | torch.device = "cpu", channels_last: bool = True,
                  compile: bool = False, precision: str = "auto", data: str = "memory", num_workers: int = 4) -> None:  # fmt: skip
         self.device = torch.device(device)
-        self.recipe = get_recipe("d2l", model=model, batch_size=batch_size, resize=resize or 0, lr=lr, seed=seed,
+        self.recipe = get_recipe(base_recipe, model=model, batch_size=batch_size, resize=resize or 0, lr=lr, seed=seed,
                                  channels_last=channels_last, compile=compile, precision=precision,
                                  device=str(self.device))  # fmt: skip
         self.precision = resolve_precision(self.recipe.precision, self.device)
@@ -50,7 +51,8 @@ class ResnetlabTrainer:
         self.preprocess = Preprocess(resize or None, [0.0] * c, [1.0] * c).to(self.device)
         torch.manual_seed(seed)
         net = create_model(model, num_classes=len(train.classes), in_chans=c, **self.recipe.model_options())
-        xavier_init(net)
+        if self.recipe.init == "xavier":
+            xavier_init(net)
         net.to(self.device)
         if channels_last:
             net.to(memory_format=torch.channels_last)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 from resnetlab.errors import UsageError
+from resnetlab.train.recipes import Recipe
 
-# CLI flag -> recipe field (flags whose value is None leave the recipe's value in place).
-# Every Recipe field but its name (tests/test_train.py checks that none is missing).
-RECIPE_FLAGS = ("model", "dataset", "epochs", "batch_size", "lr", "resize", "optimizer", "momentum", "nesterov",
-                "weight_decay", "schedule", "warmup", "label_smoothing", "augment", "crop_padding", "normalize", "init",
-                "precision", "channels_last", "compile", "device", "seed", "subset", "width", "stem",
-                "zero_init_residual", "tta", "eval_batch_size", "sync_bn", "scale_lr")  # fmt: skip
+# Every Recipe field but its name is a `train` flag of the same name (tests/test_train.py checks the
+# parser has them all); flags whose value is None leave the recipe's value in place.
+RECIPE_FLAGS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "name")
 
 
 def run_train(args: argparse.Namespace) -> int:
