@@ -123,6 +123,61 @@ def test_train_step_is_train_ch6s_body() -> None:
     assert not torch.equal(before, net.lin.weight)
 
 
+def test_d2l_recipe_trains_bit_identically_to_train_ch6_on_the_same_batches(tiny_folder: str, tmp_path: Path) -> None:
+    """The accuracy check's premise: resnetlab's d2l training differs from the chapter's loop only in
+    its batch order and pixels. Fed resnetlab's own batches, train_ch6 ends at the very same weights."""
+    from resnetlab.data import BatchLoader, Preprocess
+    from resnetlab.train import train
+    from resnetlab.train.checkpoint import prefixed, read_checkpoint
+    from resnetlab.train.loop import train_inputs
+    from resnetlab.train.recipes import get_recipe
+
+    train(
+        "d2l", out=tmp_path / "run", dataset=tiny_folder, epochs=2, batch_size=16, resize=64, progress=False
+    )
+    tensors, _ = read_checkpoint(tmp_path / "run")
+    ours = prefixed(tensors, "model.")
+
+    train_split, test_split = load_dataset(tiny_folder)
+    order = BatchLoader(train_split, 16, shuffle=True, seed=0)
+    recipe, preprocess = get_recipe("d2l", resize=64), Preprocess(64)
+
+    def resnetlab_batches(epoch: int):
+        for images, labels in order.batches(epoch):
+            yield train_inputs(images, recipe, preprocess, torch.Generator()), labels
+
+    class Epochs:
+        epoch = -1
+
+        def __iter__(self):
+            self.epoch += 1
+            return resnetlab_batches(self.epoch)
+
+    net = ref.chapter_net(num_classes=2, in_chans=1, seed=0)
+    _, test_iter = ref.load_data(train_split, test_split, 16, 64, num_workers=0)
+    ref.train_ch6(net, Epochs(), test_iter, 2, 0.05, torch.device("cpu"), log=lambda _: None)
+    assert ours.keys() == net.state_dict().keys()
+    for name, value in net.state_dict().items():
+        assert torch.equal(ours[name], value), name
+
+
+def test_control_batches_are_resnetlabs_order_with_pil_pixels(tiny_folder: str) -> None:
+    from resnetlab.data import BatchLoader, resize, to_float
+
+    train_split, _ = load_dataset(tiny_folder)
+    control = ref.PILBatchesInResnetlabOrder(train_split, batch_size=10, resize=40, seed=3)
+    order = BatchLoader(train_split, 10, shuffle=True, seed=3)
+    assert len(control) == len(order) == 5
+    for epoch in range(2):  # each iteration is the next epoch, as resnetlab's
+        pairs = list(zip(control, order.batches(epoch), strict=True))
+        for (x, y), (images, labels) in pairs:
+            assert torch.equal(y, labels)
+            theirs = resize(to_float(images), 40)
+            assert x.shape == theirs.shape and (x - theirs).abs().max() <= 1.001 / 255  # PIL: fixed point, uint8
+    epoch0 = next(iter(ref.PILBatchesInResnetlabOrder(train_split, 10, 40, 3)))[0]
+    assert not torch.equal(epoch0, pairs[0][0][0])  # epochs 0 and 1 are shuffled differently
+
+
 def test_reference_script_in_bench_reexports_the_package_module() -> None:
     g = runpy.run_path(str(ROOT / "bench" / "reference.py"), run_name="not_main")
     assert g["train_ch6"] is ref.train_ch6 and g["CHAPTER"] is ref.CHAPTER
@@ -189,7 +244,9 @@ def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str])
 def test_accuracy_holds_script_runs_tiny(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
     script = runpy.run_path(str(ROOT / "bench" / "accuracy_holds.py"), run_name="not_main")
     code = script["main"](["--epochs", "1", "--resize", "32", "--workers", "0", "--dataset", tiny_folder,
-                           "--tolerance", "100", "--json"])  # fmt: skip
+                           "--tolerance", "100", "--control", "--json"])  # fmt: skip
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and r["ok"] and 0 <= r["reference_test_acc"] <= 1 and 0 <= r["resnetlab_test_acc"] <= 1
-    assert r["epochs"] == 1 and len(r["reference_history"]) == len(r["resnetlab_history"]) == 1
+    assert r["epochs"] == 1 and len(r["reference_history"]) == len(r["resnetlab_history"]) == len(r["control_history"]) == 1
+    gap = r["gap_from_order_points"] + r["gap_from_pixels_points"]
+    assert gap == pytest.approx(r["gap_points"], abs=2e-3)

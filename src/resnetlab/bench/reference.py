@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -135,6 +135,34 @@ def load_data(train: Split, test: Split, batch_size: int = 256, resize: int | No
     )
 
 
+class PILBatchesInResnetlabOrder:
+    """A control, not the chapter: the chapter's per-image PIL transform over resnetlab's batch order.
+
+    The same batches, in the same order, as ``resnetlab train --seed S`` (its ``BatchLoader``), each
+    image through :func:`chapter_transform`. Trained with :func:`train_ch6`, it differs from resnetlab
+    only in the pixels (PIL resizes and rounds to uint8; resnetlab resizes in float), and from the
+    reference only in the order, so ``bench/accuracy_holds.py --control`` can tell the two apart.
+    Each iteration is the next epoch, as a DataLoader's reshuffle.
+    """
+
+    def __init__(self, split: Split, batch_size: int = 256, resize: int | None = 96, seed: int = 0) -> None:
+        from resnetlab.data import BatchLoader
+
+        self.dataset = PILDataset(split, chapter_transform(resize))
+        self.order = BatchLoader(split, batch_size, shuffle=True, seed=seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self.order.indices(self.epoch)
+        self.epoch += 1
+        for batch in indices.split(self.order.batch_size):
+            images, labels = zip(*(self.dataset[i] for i in batch.tolist()))
+            yield torch.stack(images), torch.tensor(labels)
+
+
 # ----------------------------------------------------------------------------------------------
 # The network and train_ch6
 
@@ -224,7 +252,7 @@ class ReferenceTrainer:
         return n
 
 
-def train_ch6(net: nn.Module, train_iter: torch.utils.data.DataLoader, test_iter: torch.utils.data.DataLoader,
+def train_ch6(net: nn.Module, train_iter: Iterable[tuple[torch.Tensor, torch.Tensor]], test_iter: torch.utils.data.DataLoader,
               num_epochs: int, lr: float, device: torch.device, log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """``d2l.train_ch6`` without the plot: Xavier init, SGD, CE; returns the final figures and history."""
     net.apply(init_weights)
@@ -259,8 +287,12 @@ def train_ch6(net: nn.Module, train_iter: torch.utils.data.DataLoader, test_iter
 def run_reference(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 256, resize: int | None = 96,
                   num_workers: int = 4, seed: int = 0, subset: int = 0, model: str = "d2l_resnet18",
                   dataset: str = "fashion-mnist", data_root: str | None = None, device: str = "auto",
-                  log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
-    """Train the chapter's way end to end; returns train_ch6's figures."""
+                  resnetlab_order: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    """Train the chapter's way end to end; returns train_ch6's figures.
+
+    ``resnetlab_order=True`` is the control :class:`PILBatchesInResnetlabOrder`: the training batches
+    come in resnetlab's order for ``seed`` instead of the DataLoader's shuffle.
+    """
     from resnetlab.train.loop import resolve_device, seeded_subset
 
     dev = resolve_device(device)
@@ -268,6 +300,8 @@ def run_reference(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 256, 
     if subset:  # the same images `resnetlab train --subset N --seed S` trains on
         train = seeded_subset(train, subset, seed)
     train_iter, test_iter = load_data(train, test, batch_size, resize, num_workers)
+    if resnetlab_order:
+        train_iter = PILBatchesInResnetlabOrder(train, batch_size, resize, seed)
     net = chapter_net(model, len(train.classes), train.images.shape[1], seed=seed)
     return train_ch6(net, train_iter, test_iter, epochs, lr, dev, log=log)
 
