@@ -308,18 +308,18 @@ def run_reference(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 256, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train the D2L chapter's ResNet-18 exactly the chapter's way (no torchvision).")
-    p.add_argument("--epochs", type=int, default=CHAPTER["num_epochs"])
-    p.add_argument("--lr", type=float, default=CHAPTER["lr"])
-    p.add_argument("--batch-size", type=int, default=CHAPTER["batch_size"])
+    p.add_argument("--epochs", type=int, default=CHAPTER["num_epochs"], help="the chapter: 10")
+    p.add_argument("--lr", type=float, default=CHAPTER["lr"], help="the chapter: 0.05")
+    p.add_argument("--batch-size", type=int, default=CHAPTER["batch_size"], help="the chapter: 256")
     p.add_argument("--resize", type=int, default=CHAPTER["resize"], help="0 keeps the native size")
-    p.add_argument("--workers", type=int, default=CHAPTER["num_workers"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=CHAPTER["num_workers"], help="DataLoader workers (the chapter: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the init and the shuffle, and picks --subset")
     p.add_argument("--subset", type=int, default=0, help="train on the same seeded subset as resnetlab train --subset")
-    p.add_argument("--model", default=CHAPTER["model"])
-    p.add_argument("--dataset", default=CHAPTER["dataset"])
-    p.add_argument("--data-root")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--model", default=CHAPTER["model"], help="registry name (the chapter's: d2l_resnet18)")
+    p.add_argument("--dataset", default=CHAPTER["dataset"], help="fashion-mnist, mnist, cifar10 or folder:PATH")
+    p.add_argument("--data-root", help="look for the dataset here first")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     a = p.parse_args(argv)
     result = run_reference(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, resize=a.resize or None,
                            num_workers=a.workers, seed=a.seed, subset=a.subset, model=a.model, dataset=a.dataset,
