@@ -44,15 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda *_: None) if a.json else print
     t0 = time.perf_counter()
     say(f"reference (chapter loop), {a.epochs} epoch(s), seed {a.seed}:")
-    ref = run_reference(epochs=a.epochs, seed=a.seed, subset=a.subset, resize=a.resize or None, num_workers=a.workers,
-                        dataset=a.dataset, data_root=a.data_root, device=a.device, log=lambda m: say("  " + m))  # fmt: skip
+    reference_args = dict(epochs=a.epochs, seed=a.seed, subset=a.subset, resize=a.resize or None, num_workers=a.workers,
+                          dataset=a.dataset, data_root=a.data_root, device=a.device, log=lambda m: say("  " + m))  # fmt: skip
+    ref = run_reference(**reference_args)
     t_ref = time.perf_counter() - t0
     control = None
     if a.control:
         say(f"control: the reference loop on resnetlab's batch order, {a.epochs} epoch(s), seed {a.seed}:")
-        control = run_reference(epochs=a.epochs, seed=a.seed, subset=a.subset, resize=a.resize or None,
-                                num_workers=a.workers, dataset=a.dataset, data_root=a.data_root, device=a.device,
-                                resnetlab_order=True, log=lambda m: say("  " + m))  # fmt: skip
+        control = run_reference(**reference_args, resnetlab_order=True)
     say(f"resnetlab train --recipe d2l, {a.epochs} epoch(s), seed {a.seed}:")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="resnetlab-acc-") as tmp:

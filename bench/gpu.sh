@@ -26,20 +26,18 @@ print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16 {torch.c
 EOF
 $py -m resnetlab data info fashion-mnist
 
-step() { echo "== $1"; shift; "$@"; }
 status=0
-step "CUDA tests" $py -m pytest -q -p no:cacheprovider tests/test_cuda.py || status=1
-step "d2l_resnet18 at 96 px: chapter loop vs resnetlab" \
-    $py -m resnetlab bench train --model d2l_resnet18 --resize 96 --device cuda --steps 200 --warmup 20 --workers 4 --json \
-    | tee /dev/stderr | tail -n 1 > "$out/bench-train.json" || status=1
-step "the same with torch.compile" \
-    $py -m resnetlab bench train --model d2l_resnet18 --resize 96 --device cuda --steps 200 --warmup 20 --workers 4 --compile --json \
-    | tee /dev/stderr | tail -n 1 > "$out/bench-train-compile.json" || status=1
-step "fast recipe: time to 92.4%, 3 seeds" \
-    $py -m resnetlab bench time-to-accuracy --recipe fast --target 0.924 --seeds 3 --device cuda --json \
-    | tee /dev/stderr | tail -n 1 > "$out/time-to-accuracy.json" || status=1
-step "eval throughput" \
-    $py -m resnetlab bench infer --model d2l_resnet18 --resize 96 --device cuda --json \
-    | tee /dev/stderr | tail -n 1 > "$out/bench-infer.json" || status=1
+step() { echo "== $1"; shift; "$@" || status=1; }
+# the command's output to the log, its last line (the --json object) to $out/FILE
+json_to() { local file=$1; shift; "$@" | tee /dev/stderr | tail -n 1 > "$out/$file"; }
+d2l=(bench train --model d2l_resnet18 --resize 96 --device cuda --steps 200 --warmup 20 --workers 4 --json)
+
+step "CUDA tests" $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "d2l_resnet18 at 96 px: chapter loop vs resnetlab" json_to bench-train.json $py -m resnetlab "${d2l[@]}"
+step "the same with torch.compile" json_to bench-train-compile.json $py -m resnetlab "${d2l[@]}" --compile
+step "fast recipe: time to 92.4%, 3 seeds" json_to time-to-accuracy.json \
+    $py -m resnetlab bench time-to-accuracy --recipe fast --target 0.924 --seeds 3 --device cuda --json
+step "eval throughput" json_to bench-infer.json \
+    $py -m resnetlab bench infer --model d2l_resnet18 --resize 96 --device cuda --json
 echo "== done (exit $status); figures in $out"
 exit $status

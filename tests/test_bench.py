@@ -142,20 +142,17 @@ def test_d2l_recipe_trains_bit_identically_to_train_ch6_on_the_same_batches(tiny
     order = BatchLoader(train_split, 16, shuffle=True, seed=0)
     recipe, preprocess = get_recipe("d2l", resize=64), Preprocess(64)
 
-    def resnetlab_batches(epoch: int):
-        for images, labels in order.batches(epoch):
-            yield train_inputs(images, recipe, preprocess, torch.Generator()), labels
-
-    class Epochs:
+    class ResnetlabBatches:  # each iteration is the next epoch, through resnetlab's own input path
         epoch = -1
 
         def __iter__(self):
             self.epoch += 1
-            return resnetlab_batches(self.epoch)
+            for images, labels in order.batches(self.epoch):
+                yield train_inputs(images, recipe, preprocess, torch.Generator()), labels
 
     net = ref.chapter_net(num_classes=2, in_chans=1, seed=0)
     _, test_iter = ref.load_data(train_split, test_split, 16, 64, num_workers=0)
-    ref.train_ch6(net, Epochs(), test_iter, 2, 0.05, torch.device("cpu"), log=lambda _: None)
+    ref.train_ch6(net, ResnetlabBatches(), test_iter, 2, 0.05, torch.device("cpu"), log=lambda _: None)
     assert ours.keys() == net.state_dict().keys()
     for name, value in net.state_dict().items():
         assert torch.equal(ours[name], value), name
