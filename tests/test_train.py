@@ -70,6 +70,26 @@ def test_eval_equals_training_log(tiny_run, capsys: pytest.CaptureFixture[str]) 
     assert sum(map(sum, result["confusion"])) == 10_000
 
 
+def test_eval_batch_size_is_taken_as_given(tiny_run, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import resnetlab.data
+
+    sizes: list[int] = []
+
+    class RecordingLoader(resnetlab.data.BatchLoader):
+        def __init__(self, split, batch_size, **kw) -> None:
+            sizes.append(batch_size)
+            super().__init__(split, batch_size, **kw)
+
+    monkeypatch.setattr(resnetlab.data, "BatchLoader", RecordingLoader)
+    # 500 was once the flag's default, and an explicit 500 was replaced by the run's own size
+    assert main(["eval", str(tiny_run.run_dir), "--batch-size", "500", "--json"]) == 0
+    assert main(["eval", str(tiny_run.run_dir), "--json"]) == 0
+    assert sizes == [500, read_checkpoint(tiny_run.run_dir)[1]["eval_batch_size"]]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 10_000
+    assert main(["eval", str(tiny_run.run_dir), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, not 0" in capsys.readouterr().err
+
+
 def test_load_checkpoint_api(tiny_run) -> None:
     from resnetlab.data import load_dataset
 

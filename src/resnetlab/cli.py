@@ -100,7 +100,7 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a run directory or its last.safetensors")
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-root")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, help="default: the batch size the run evaluated with")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
