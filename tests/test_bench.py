@@ -221,8 +221,9 @@ def test_bench_infer_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) 
 
 
 def test_bench_time_to_accuracy_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    # --augment none: mirroring swaps this folder's left/right classes, so flips make it unlearnable
     r = last_json(capsys, ["bench", "time-to-accuracy", "--recipe", "fast", "--target", "0.01", "--seeds", "1",
-                           "--train-args", f"--dataset {tiny_folder} --epochs 2 --width 8 --batch-size 16 --no-tta",
+                           "--train-args", f"--dataset {tiny_folder} --epochs 2 --width 8 --batch-size 16 --no-tta --augment none",
                            "--json"])  # fmt: skip
     assert r["seeds"] == [0] and r["reached"] == [True] and r["epochs"] == [1]
     assert 0 < r["seconds"][0] <= r["total_seconds"][0] and r["median_seconds"] == r["seconds"][0]

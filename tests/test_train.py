@@ -57,7 +57,7 @@ def test_run_directory_contents(tiny_run) -> None:
 def test_checkpoint_metadata_and_no_pickle(tiny_run) -> None:
     tensors, meta = read_checkpoint(tiny_run.checkpoint)
     assert meta["model"]["name"] == "resnet10" and meta["model"]["options"]["width"] == 8
-    assert meta["classes"][0] == "T-shirt/top" and meta["preprocessing"]["size"] is None
+    assert meta["classes"][0] == "T-shirt/top" and meta["preprocessing"]["size"] == RECIPES["fast"].resize == 24
     assert meta["position"] == {"epoch": 3, "step": 0}
     assert any(k.startswith("optim.") for k in tensors) and "rng.cpu" in tensors
 
