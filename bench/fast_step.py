@@ -1,6 +1,6 @@
 """A recipe's own training step, eager vs ``torch.compile``, interleaved in one run.
 
-    python bench/fast_step.py                      # the fast recipe: resnet10, width 16, small stem, 28 px
+    python bench/fast_step.py                      # the fast recipe: resnet10, width 16, small stem, 24 px
     python bench/fast_step.py --recipe best --steps 10
 
 `resnetlab bench train --levers compile` measures the lever on the chapter's model; this measures it

@@ -140,7 +140,7 @@ RECIPES: dict[str, Recipe] = {
     # SGD with Nesterov momentum, label smoothing, flips and flip test-time augmentation. Width 16
     # because on a CPU without bf16 (AVX2 only) the cost grows with width squared: resnet10 at width
     # 16 trains at ~4x the images/s of width 32. Measured on seed 0 (README, performance section):
-    # 24 px costs 0.7x the steps of 28 px for 0.1-0.2 points; batch 128 at peak lr 0.4 ends 3 epochs
+    # 24 px costs 0.7x the time of 28 px for 0.1-0.2 points; batch 128 at peak lr 0.4 ends 3 epochs
     # where batch 256 at 0.2 needed 4 (92.41% at lr 0.1, 92.80% at 0.2, 92.90% at 0.4 at 28 px; 92.66%
     # at 24 px); 2 epochs at 28 px end at 92.17%, 3 at 22 or 20 px at 92.26% or 92.42%.
     "fast": Recipe(
