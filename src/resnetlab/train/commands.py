@@ -109,8 +109,6 @@ def run_eval(args: argparse.Namespace) -> int:
     if test.classes != classifier.classes:
         raise UsageError(f"{dataset} has classes {test.classes[:3]}... but the model was trained on {classifier.classes[:3]}...")
     batch = args.batch_size if args.batch_size is not None else meta.get("eval_batch_size", 500)
-    if batch < 1:
-        raise UsageError(f"--batch-size must be >= 1, not {batch}")
     confusion = evaluate(classifier, BatchLoader(test, batch, device=device), len(test.classes))
     total = confusion.sum().item()
     per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1)).tolist()
