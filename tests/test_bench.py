@@ -227,6 +227,10 @@ def test_bench_time_to_accuracy_json(capsys: pytest.CaptureFixture[str], tiny_fo
                            "--json"])  # fmt: skip
     assert r["seeds"] == [0] and r["reached"] == [True] and r["epochs"] == [1]
     assert 0 < r["seconds"][0] <= r["total_seconds"][0] and r["median_seconds"] == r["seconds"][0]
+    # training time to the crossing: the run's own first-epoch seconds, less than the wall-clock to it
+    history = r["runs"][0]["history"]
+    assert 0 < r["train_seconds"][0] == history[0]["train_seconds"] < r["seconds"][0]
+    assert r["median_train_seconds"] == r["train_seconds"][0] and history[1]["train_seconds"] > history[0]["train_seconds"]
     assert r["accuracies"][0] >= 0.01 and len(r["runs"][0]["history"]) == 2
     assert {"seconds", "median_seconds", "epochs", "accuracies", "total_seconds"} <= set(r)
 

@@ -140,7 +140,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--lever-batch-size", type=int, default=32, help="batch size of the lever measurements (default 32)")
     b.add_argument("--lever-steps", type=int, default=3, help="timed steps per lever setting (default 3)")
     _add_bench_common(b)
-    b = bsub.add_parser("time-to-accuracy", help="wall-clock from process start to a test accuracy")
+    b = bsub.add_parser("time-to-accuracy", help="wall-clock from process start to a test accuracy, and the training seconds in it")
     b.add_argument("--recipe", default="fast", help="the recipe to train (default fast)")
     b.add_argument("--target", type=float, default=0.924, help="test accuracy to reach, a fraction (default 0.924)")
     b.add_argument("--seeds", type=int, default=3, help="runs, one per seed; the median is reported (default 3)")

@@ -6,6 +6,11 @@ test acc A, ...``); each line is timestamped as it arrives, relative to just bef
 was started, so the figure includes Python's start-up, imports, data loading and evaluation. The
 exact accuracy of the epoch is read from the run directory's ``metrics.jsonl`` (written before the
 line is printed); the printed, rounded one is the fallback.
+
+Two clocks per crossing: ``seconds``, the wall-clock from process start (the CPU target: a whole
+run), and ``train_seconds``, the training time summed over the epochs up to the crossing as the run
+itself records it (``seconds`` in ``metrics.jsonl``: the epochs' steps with their data, without
+start-up, evaluation and writing; the GPU target's "seconds of training").
 """
 
 from __future__ import annotations
@@ -32,15 +37,14 @@ class TrainFailed(ResnetlabError):
     """The training child process exited with an error."""
 
 
-def _exact_acc(run_dir: Path, epoch: int) -> float | None:
+def _epoch_record(run_dir: Path, epoch: int) -> tuple[float | None, float | None]:
+    """(exact test accuracy, training seconds summed over epochs 1..epoch) from ``metrics.jsonl``."""
     try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if row.get("epoch") == epoch:
-                return float(row["test_acc"])
-    except (OSError, ValueError, KeyError):
-        pass
-    return None
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        row = next(r for r in rows if r.get("epoch") == epoch)
+        return float(row["test_acc"]), sum(float(r["seconds"]) for r in rows if r["epoch"] <= epoch)
+    except (OSError, ValueError, KeyError, StopIteration):
+        return None, None
 
 
 def time_one_seed(recipe: str, seed: int, target: float, extra: list[str], device: str | None,
@@ -64,9 +68,10 @@ def time_one_seed(recipe: str, seed: int, target: float, extra: list[str], devic
                 if not m:
                     continue
                 epoch = int(m.group(1))
-                acc = _exact_acc(run_dir, epoch)
+                acc, train_seconds = _epoch_record(run_dir, epoch)
                 acc = acc if acc is not None else float(m.group(3))
-                row = {"epoch": epoch, "of": int(m.group(2)), "test_acc": acc, "seconds": round(t, 2)}
+                row = {"epoch": epoch, "of": int(m.group(2)), "test_acc": acc, "seconds": round(t, 2),
+                       "train_seconds": None if train_seconds is None else round(train_seconds, 2)}  # fmt: skip
                 epochs.append(row)
                 if say:
                     say(f"  seed {seed}: {t:7.1f} s  {line.strip()}")
@@ -82,6 +87,7 @@ def time_one_seed(recipe: str, seed: int, target: float, extra: list[str], devic
     return {
         "seed": seed, "reached": crossed is not None,
         "seconds": crossed["seconds"] if crossed else None,
+        "train_seconds": crossed["train_seconds"] if crossed else None,
         "epoch": crossed["epoch"] if crossed else None,
         "accuracy": crossed["test_acc"] if crossed else epochs[-1]["test_acc"],
         "final_accuracy": epochs[-1]["test_acc"], "epochs_run": len(epochs),
@@ -117,19 +123,22 @@ def run_tta_bench(args: argparse.Namespace) -> int:
         r = time_one_seed(args.recipe, seed, args.target, extra, device, say)
         runs.append(r)
         if r["reached"]:
-            say(f"seed {seed}: {r['seconds']:.1f} s to test acc {r['accuracy']:.4f} >= {args.target} at epoch {r['epoch']} "
-                f"(process total {r['total_seconds']:.1f} s)")  # fmt: skip
+            trained = f", {r['train_seconds']:.1f} s of it training" if r["train_seconds"] is not None else ""
+            say(f"seed {seed}: {r['seconds']:.1f} s to test acc {r['accuracy']:.4f} >= {args.target} at epoch {r['epoch']}"
+                f"{trained} (process total {r['total_seconds']:.1f} s)")  # fmt: skip
         else:
             say(f"seed {seed}: not reached (final test acc {r['final_accuracy']:.4f} < {args.target}; "
                 f"process total {r['total_seconds']:.1f} s)")  # fmt: skip
     med = median_or_none([r["seconds"] for r in runs])
-    say(f"median time to {args.target}: " + (f"{med:.1f} s" if med is not None else "not reached by most seeds")
+    med_train = median_or_none([r["train_seconds"] if r["reached"] else None for r in runs])
+    say(f"median time to {args.target}: " + (f"{med:.1f} s ({med_train} s of training)" if med is not None else "not reached by most seeds")
         + f" over {len(runs)} seed(s); median process total {statistics.median(r['total_seconds'] for r in runs):.1f} s")  # fmt: skip
     if args.json:
         info = cpu_info()
         print(json.dumps({
             "recipe": args.recipe, "target": args.target, "seeds": [r["seed"] for r in runs],
             "seconds": [r["seconds"] for r in runs], "median_seconds": med,
+            "train_seconds": [r["train_seconds"] for r in runs], "median_train_seconds": med_train,
             "epochs": [r["epoch"] for r in runs], "accuracies": [r["accuracy"] for r in runs],
             "reached": [r["reached"] for r in runs], "final_accuracies": [r["final_accuracy"] for r in runs],
             "total_seconds": [r["total_seconds"] for r in runs],
