@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import time
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,34 @@ def test_bench_train_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) 
     # training FLOPs: forward + backward, a little under 3 x forward (the stem needs no input gradient)
     assert 2 * r["forward_gflops_per_image"] < r["train_gflops_per_image"] <= 3 * r["forward_gflops_per_image"]
     assert len(r["step_seconds"]["reference"]) == len(r["step_seconds"]["resnetlab"]) == 1
+    assert r["block"] == 1  # on the CPU every step is timed on its own
+
+
+def test_interleaved_times_runs_of_steps_and_alternates() -> None:
+    from resnetlab.bench.engines import interleaved
+    from resnetlab.errors import UsageError
+
+    order: list[str] = []
+
+    class Sleeper:
+        device = torch.device("cpu")
+
+        def __init__(self, name: str, seconds: float) -> None:
+            self.name, self.seconds = name, seconds
+
+        def step(self) -> int:
+            order.append(self.name)
+            time.sleep(self.seconds)
+            return 4
+
+    r = interleaved({"a": Sleeper("a", 0.002), "b": Sleeper("b", 0.006)}, steps=5, warmup=1, block=2)
+    # warm-up a b, then runs of 2, 2 and 1 steps, the side going first alternating
+    assert "".join(order) == "ab" + "aabb" + "bbaa" + "ab"
+    assert [len(r[k]["step_seconds"]) for k in "ab"] == [3, 3]
+    assert r["a"]["images_per_s"] > 1.5 * r["b"]["images_per_s"]  # 4 images per 2 ms vs per 6 ms, plus overheads
+    assert r["b"]["images_per_s"] <= 4 / 0.006
+    with pytest.raises(UsageError, match="block must be >= 1"):
+        interleaved({"a": Sleeper("a", 0)}, steps=1, warmup=0, block=0)
 
 
 def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -> None:

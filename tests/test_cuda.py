@@ -72,3 +72,27 @@ def test_a_gpu_run_evaluates_and_resumes_on_the_cpu(tmp_path: Path, capsys: pyte
     resumed = train(resume=run, device="cpu")  # a finished run: nothing left to train, evaluated again
     assert resumed.device == "cpu" and len(resumed.history) == SMALL["epochs"] and resumed.confusion is not None
     assert abs(resumed.confusion.diag().sum().item() / 10_000 - gpu.test_acc) <= 0.005
+
+
+def _synchronizations(**run: object) -> int:
+    """How many times a training run makes the host wait for the GPU (CUDA's sync debug mode)."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train("fast", device="cuda", **run)  # type: ignore[arg-type]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def test_training_steps_do_not_wait_for_the_gpu(tmp_path: Path) -> None:
+    # The same run with 80 more steps: waits added by the steps themselves are the loss check every
+    # 20 steps (4), not one or more per step (step timing, mask copies, ...).
+    common = dict(model="resnet10", width=8, batch_size=64, epochs=1, progress=False, augment="flip,crop,erase")
+    train("fast", out=tmp_path / "warm", device="cuda", subset=640, **common)  # type: ignore[arg-type]
+    short = _synchronizations(out=tmp_path / "short", subset=64 * 20, **common)
+    long = _synchronizations(out=tmp_path / "long", subset=64 * 100, **common)
+    assert long - short <= 80 // 20 + 2, (short, long)

@@ -307,3 +307,17 @@ def test_train_command_keeps_large_activations_off_the_heap() -> None:
     # A user's own setting wins, and without the bound the block comes from the heap.
     user = {**env, "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
     assert subprocess.run(probe, env=user, capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+
+
+def test_step_clock_sums_only_the_bracketed_time_and_resets() -> None:
+    from resnetlab.train.dist import StepClock
+
+    clock = StepClock(torch.device("cpu"))
+    for _ in range(2):
+        clock.start()
+        time.sleep(0.02)
+        clock.stop()
+        time.sleep(0.05)  # between steps: not counted
+    first = clock.take()
+    assert 0.04 <= first < 0.09
+    assert clock.take() == 0.0

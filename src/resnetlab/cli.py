@@ -130,6 +130,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first (default 2)")
+    b.add_argument("--block", type=int, help="steps timed together between device synchronisations "
+                   "(default 1 on the CPU, 20 on a GPU, where a sync after every step would stall its queue)")
     b.add_argument("--workers", type=int, default=4, help="the reference DataLoader's workers (the chapter: 4)")
     b.add_argument("--seed", type=int, default=0, help="seeds both sides' init and order (default 0)")
     b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="resnetlab side in NHWC")

@@ -40,10 +40,11 @@ def run_train_bench(args: argparse.Namespace) -> int:
     from resnetlab.train.loop import resolve_device, resolve_precision
 
     steps, warmup, batch = args.steps, args.warmup, args.batch_size
-    if steps < 1 or warmup < 0 or batch < 1 or args.workers < 0:
-        raise UsageError("--steps and --batch-size must be >= 1, --warmup and --workers >= 0")
+    if steps < 1 or warmup < 0 or batch < 1 or args.workers < 0 or (args.block is not None and args.block < 1):
+        raise UsageError("--steps, --batch-size and --block must be >= 1, --warmup and --workers >= 0")
     levers = _lever_names(args.levers)
     device = resolve_device(args.device)
+    block = args.block or (1 if device.type == "cpu" else 20)
     say = (lambda *_: None) if args.json else (lambda m: print(m, flush=True))
     env = environment(device)
     say(f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads, flags {' '.join(env['cpu_flags'])}, "
@@ -69,10 +70,11 @@ def run_train_bench(args: argparse.Namespace) -> int:
     if args.compile:
         ours.step()  # compilation outside the timed span (reported)
     compile_seconds = time.perf_counter() - t0 if args.compile else 0.0
-    say(f"timing {steps} steps of batch {batch} each ({args.model} at {size} px, {warmup} warm-up steps, "
+    say(f"timing {steps} steps of batch {batch} each ({args.model} at {size} px, {warmup} warm-up steps"
+        f"{f', timed in runs of {block}' if block > 1 else ''}, "
         f"reference DataLoader with {args.workers} workers; resnetlab {ours.precision}"
         f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''})")  # fmt: skip
-    r = interleaved({"reference": ref, "resnetlab": ours}, steps, warmup)
+    r = interleaved({"reference": ref, "resnetlab": ours}, steps, warmup, block)
     ref_ips, our_ips = r["reference"]["images_per_s"], r["resnetlab"]["images_per_s"]
     gflops = our_ips * train_flops / 1e9
     ref_gflops = ref_ips * train_flops / 1e9
@@ -99,7 +101,7 @@ def run_train_bench(args: argparse.Namespace) -> int:
         "fraction_of_bf16_peak": round(gflops / pk["bf16_peak_gflops"], 4),
         "reference_fraction_of_fp32_peak": round(ref_gflops / pk["fp32_peak_gflops"], 4),
         "model": args.model, "resize": size, "dataset": args.dataset, "batch_size": batch, "steps": steps,
-        "warmup": warmup, "seed": args.seed, "reference_workers": args.workers,
+        "warmup": warmup, "block": block, "seed": args.seed, "reference_workers": args.workers,
         "precision": resolve_precision(args.precision, device),
         "channels_last": args.channels_last, "compile": args.compile, "compile_seconds": round(compile_seconds, 1),
         "step_seconds": {k: v["step_seconds"] for k, v in r.items()},

@@ -156,11 +156,44 @@ def check_agree(value: Any, what: str) -> None:
         )
 
 
-def synchronized_time(device: torch.device) -> float:
-    """A clock reading after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class StepClock:
+    """Seconds spent inside training steps (the chapter's compute-only measure), summed.
+
+    On the CPU a step is done when its Python returns, so ``perf_counter`` brackets it. On CUDA the
+    host queues work ahead of the GPU; synchronising around every step to read a clock would stall
+    that queue, so CUDA events are recorded in the stream instead and read once, in :meth:`take`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[Any, Any]] = []
+        self.seconds = 0.0
+        self._start: Any = None
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> None:
+        end = self._now()
+        if self.cuda:
+            self.spans.append((self._start, end))
+        else:
+            self.seconds += end - self._start
+
+    def take(self) -> float:
+        """The seconds since the last take (waits for the device's queued steps), and reset."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.spans) / 1000
+        seconds, self.seconds, self.spans = self.seconds, 0.0, []
+        return seconds
 
 
 # ----------------------------------------------------------------------------------------------

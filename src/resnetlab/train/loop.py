@@ -214,7 +214,8 @@ def evaluate(classifier: Classifier, loader: BatchLoader, num_classes: int) -> t
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=loader.device)
     for images, labels in loader.batches(0):
         pred = classifier(to_float(images)).argmax(dim=1)
-        confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+        cell = labels * num_classes + pred
+        confusion.scatter_add_(0, cell, torch.ones_like(cell))  # not bincount: on CUDA it waits for the GPU
     confusion = dist.all_reduce_sum(confusion)
     classifier.train(was_training)
     return confusion.view(num_classes, num_classes).cpu()
@@ -431,14 +432,14 @@ def train(
                 bar.update(start_step)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
-            count, compute_seconds = 0, 0.0
+            count, step_clock = 0, dist.StepClock(device)
             t_epoch = time.perf_counter()
             for step, (images, labels) in enumerate(train_loader.batches(epoch, start_step), start=start_step):
                 global_step = epoch * steps_per_epoch + step
                 for group in optimizer.param_groups:
                     group["lr"] = lr * lr_factor(recipe, global_step, total_steps)
                 x = train_inputs(images, recipe, preprocess, augment_generator(recipe.seed, epoch, step, ctx.rank))
-                t_compute = dist.synchronized_time(device)
+                step_clock.start()
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     logits = model(x)
                     loss = loss_fn(logits.float(), labels)
@@ -452,7 +453,7 @@ def train(
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                compute_seconds += dist.synchronized_time(device) - t_compute
+                step_clock.stop()
                 loss_sum += loss.detach().double() * len(labels)
                 correct += (logits.argmax(dim=1) == labels).sum()
                 count += len(labels)
@@ -466,9 +467,10 @@ def train(
                 if bar is not None:
                     bar.update(1)
                 if sigint["interrupted"] or (checkpoint_every and (global_step + 1) % checkpoint_every == 0):
+                    compute_seconds = step_clock.take()  # first: it waits for the queued steps
                     _fold(sums, loss_sum, correct, count, time.perf_counter() - t_epoch, compute_seconds)
                     loss_sum.zero_(), correct.zero_()
-                    count, compute_seconds, t_epoch = 0, 0.0, time.perf_counter()
+                    count, t_epoch = 0, time.perf_counter()
                     checkpoint(epoch, step + 1)
                     if sigint["interrupted"]:
                         if bar is not None:
@@ -479,6 +481,7 @@ def train(
                         )
             if bar is not None:
                 bar.close()
+            compute_seconds = step_clock.take()
             _fold(sums, loss_sum, correct, count, time.perf_counter() - t_epoch, compute_seconds)
 
             # End of epoch: metrics over all ranks, test accuracy in eval mode on the full test split.
