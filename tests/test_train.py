@@ -321,3 +321,15 @@ def test_step_clock_sums_only_the_bracketed_time_and_resets() -> None:
     first = clock.take()
     assert 0.04 <= first < 0.09
     assert clock.take() == 0.0
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "lazy", "cuda:x"])
+def test_devices_resnetlab_cannot_use_are_refused(device: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # torch knows meta, xpu and lazy, but training and eval need cpu, cuda or mps
+    out = tmp_path / "run"
+    assert main(["train", "--device", device, "--subset", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps" in err
+    assert not out.exists()
+    assert main(["eval", str(tmp_path / "no-such-run"), "--device", device]) == 2  # refused before the checkpoint is read
+    assert f"unknown device {device!r}" in capsys.readouterr().err

@@ -73,10 +73,13 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    device: torch.device | None
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # torch also knows meta, xpu, lazy...: not usable here
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
