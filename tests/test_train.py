@@ -333,3 +333,12 @@ def test_devices_resnetlab_cannot_use_are_refused(device: str, tmp_path: Path, c
     assert not out.exists()
     assert main(["eval", str(tmp_path / "no-such-run"), "--device", device]) == 2  # refused before the checkpoint is read
     assert f"unknown device {device!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_nproc_below_one_is_refused(nproc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--nproc", nproc, "--subset", "64", "--epochs", "1", "--out", str(out)]) == 2  # 0 once ran one process
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--nproc must be >= 1, not {nproc}" in err
+    assert not out.exists()

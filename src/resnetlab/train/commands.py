@@ -17,7 +17,7 @@ RECIPE_FLAGS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "na
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.nproc:
+    if args.nproc is not None:  # not `if args.nproc`: --nproc 0 must be refused, not run as one process
         return _launch_torchrun(args.nproc)
     from resnetlab.train.loop import train
 
