@@ -342,3 +342,14 @@ def test_nproc_below_one_is_refused(nproc: str, tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"--nproc must be >= 1, not {nproc}" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--momentum", "--label-smoothing", "--warmup"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_float_flags_are_refused(flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --lr inf and --weight-decay inf passed the range checks and training died at step 1
+    out = tmp_path / "run"
+    assert main(["train", f"{flag}={value}", "--subset", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{flag[2:].replace('-', ' ')} must be a finite number, not {float(value)}" in err
+    assert not out.exists()

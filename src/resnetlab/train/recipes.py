@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,10 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         """Raise UsageError for values that cannot mean anything; return self."""
+        for f in dataclasses.fields(self):  # first: inf passes range checks such as lr > 0, and nan fails them obscurely
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, not {value}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, not {self.batch_size}"),
