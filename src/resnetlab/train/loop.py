@@ -188,7 +188,9 @@ def make_optimizer(recipe: Recipe, net: nn.Module, lr: float) -> torch.optim.Opt
 
 def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
     """A CPU generator determined by (seed, epoch, step, rank): resumable without saved state."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank)
+    # Modulo 2**64, torch's seed range: the product overflows it from seed ~18,000 on, and torch
+    # itself takes any seed modulo 2**64, so every seed that fitted keeps its exact generator.
+    return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank) % 2**64)
 
 
 def train_inputs(images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, gen: torch.Generator) -> torch.Tensor:
