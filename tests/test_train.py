@@ -378,3 +378,12 @@ def test_every_valid_seed_gives_valid_generators() -> None:
     for seed, epoch, step, rank in [(0, 0, 0, 0), (3, 2, 117, 1), (9_000, 59, 468, 7), (18_000, 59, 1_000, 1)]:
         old = ((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank
         assert loop_module.augment_generator(seed, epoch, step, rank).initial_seed() == old
+
+
+@pytest.mark.parametrize("subset, trained", [(65, 64), (66, 66)])
+def test_a_final_batch_of_one_image_is_dropped(subset: int, trained: int, tmp_path: Path) -> None:
+    # At 8 px the last feature map is 1x1, where BatchNorm cannot normalise a batch of one image;
+    # any other final batch (here 2 images) is trained on as before.
+    result = train("fast", out=tmp_path / "run", **{**TINY, "subset": subset, "epochs": 1, "resize": 8})
+    row = result.history[0]
+    assert round(row["images_per_s"] * row["seconds"]) == trained

@@ -346,7 +346,11 @@ def train(
         mean, std = [0.0] * c, [1.0] * c
     preprocess = Preprocess(size, mean, std).to(device)
     batch_size = recipe.batch_size
-    train_loader = BatchLoader(train_split, batch_size, shuffle=True, seed=recipe.seed, drop_last=ctx.world_size > 1,
+    # Under torchrun every rank needs the same count of full batches (DDP). In one process only a
+    # final batch of one image is dropped: BatchNorm cannot normalise it where the last feature map
+    # is 1x1. Every other final batch is kept: published figures depend on the batches as they are.
+    drop_last = ctx.world_size > 1 or len(train_split) % batch_size == 1
+    train_loader = BatchLoader(train_split, batch_size, shuffle=True, seed=recipe.seed, drop_last=drop_last,
                                device=device, rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
     test_loader = BatchLoader(test_split, recipe.eval_batch_size, device=device, rank=ctx.rank, world_size=ctx.world_size)
     if len(train_loader) == 0:
