@@ -387,3 +387,36 @@ def test_a_final_batch_of_one_image_is_dropped(subset: int, trained: int, tmp_pa
     result = train("fast", out=tmp_path / "run", **{**TINY, "subset": subset, "epochs": 1, "resize": 8})
     row = result.history[0]
     assert round(row["images_per_s"] * row["seconds"]) == trained
+
+
+def _image_folder(root: Path, per_class: int) -> Path:
+    """A tiny folder dataset: classes a and b, ``per_class`` 8x8 grey PNGs each."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("per_class, options", [(4, "?holdout=0"), (1, "")])
+def test_empty_test_split_is_refused_before_training(per_class: int, options: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # A whole epoch was trained before the test accuracy divided by zero (one image per class: no hold-out).
+    root = _image_folder(tmp_path / "imgs", per_class)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{root}{options}", "--batch-size", "2", "--epochs", "1", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and f"folder:{root}{options} has no test images" in err and "holdout" in err
+    assert not out.exists() and captured.out == ""
+
+
+def test_eval_on_an_empty_test_split_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _image_folder(tmp_path / "imgs", 4)
+    run = train("fast", out=tmp_path / "run", dataset=f"folder:{root}?holdout=0.5", model="resnet10", width=8, batch_size=2,
+                epochs=1, progress=False).run_dir  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", str(run), "--dataset", f"folder:{root}?holdout=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"folder:{root}?holdout=0 has no test images" in err

@@ -126,6 +126,15 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     return mean.tolist(), std.tolist()
 
 
+def require_test_images(test: Split, dataset: str) -> None:
+    """Refuse an empty test split up front: test accuracy divides by its size (in training after a whole epoch)."""
+    if len(test) == 0:
+        raise UsageError(
+            f"{dataset} has no test images; add a test/ folder next to train/, or hold some out: "
+            "a holdout > 0 with 2 or more images per class (folder:PATH?holdout=0.1)"
+        )
+
+
 def seeded_subset(split: Split, n: int, seed: int) -> Split:
     """``--subset N --seed S``: a random N-image subset of ``split`` (kept in the split's order)."""
     if n > len(split):
@@ -336,6 +345,7 @@ def train(
 
     # Data: whole splits as uint8 tensors on the device.
     train_split, test_split = load_dataset(recipe.dataset, root=data_root)
+    require_test_images(test_split, recipe.dataset)
     if recipe.subset:
         train_split = seeded_subset(train_split, recipe.subset, recipe.seed)
     c, h, w = train_split.images.shape[1:]
