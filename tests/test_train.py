@@ -420,3 +420,45 @@ def test_eval_on_an_empty_test_split_is_refused(tmp_path: Path, capsys: pytest.C
     assert main(["eval", str(run), "--dataset", f"folder:{root}?holdout=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"folder:{root}?holdout=0 has no test images" in err
+
+
+@pytest.mark.parametrize("under", ["a-file", "/proc"])
+def test_run_directory_that_cannot_be_created_is_one_line(under: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if under == "a-file":
+        (tmp_path / "g.png").write_bytes(b"png")
+        out = tmp_path / "g.png" / "run"  # NotADirectoryError
+    elif not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    else:
+        out = Path("/proc/resnetlab-run")  # FileNotFoundError, even for root
+    assert main(["train", "--subset", "64", "--epochs", "1", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and f"cannot create run directory {out}: " in err and "another --out" in err
+    assert captured.out == ""  # before any training
+
+
+def _copy_run(run_dir: Path, dest: Path) -> dict[str, bytes]:
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    return {p.name: p.read_bytes() for p in dest.iterdir()}
+
+
+@pytest.mark.parametrize("flags", [["--subset", "100000000"], ["--resize", "8", "--model", "resnet18", "--stem", "imagenet"]])
+def test_force_keeps_the_old_run_until_the_new_one_passes_its_checks(flags: list[str], tiny_run, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out = tmp_path / "runF"
+    before = _copy_run(tiny_run.run_dir, out)
+    assert main(["train", "--out", str(out), "--force", "--epochs", "1", *flags]) == 2
+    assert "\n" not in capsys.readouterr().err.strip()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # once deleted at the start, before the checks
+
+
+def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
+    out = tmp_path / "runF"
+    before = _copy_run(tiny_run.run_dir, out)
+    train("fast", out=out, force=True, **{**TINY, "subset": 64, "epochs": 1})
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "last.safetensors").read_bytes() != before["last.safetensors"]

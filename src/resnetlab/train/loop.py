@@ -29,7 +29,7 @@ from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
 from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, prefixed, read_checkpoint, save_checkpoint
 from resnetlab.train.recipes import Recipe, get_recipe
-from resnetlab.train.rundir import environment, plot_confusion, plot_curves, write_json, write_metrics
+from resnetlab.train.rundir import RunFiles, environment, plot_confusion, plot_curves, write_json, write_metrics
 
 
 class TrainingInterrupted(ResnetlabError):
@@ -274,6 +274,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 def prepare_run_dir(recipe: Recipe, out: str | Path | None, force: bool) -> Path:
+    """Choose the run directory and check it may be used; nothing is written or removed yet."""
     run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
@@ -283,8 +284,6 @@ def prepare_run_dir(recipe: Recipe, out: str | Path | None, force: bool) -> Path
                 f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
                 "--force to overwrite it, or another --out"
             )
-        for name in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json"):
-            (run_dir / name).unlink(missing_ok=True)
     return run_dir
 
 
@@ -419,8 +418,8 @@ def train(
         "recipe": dataclasses.asdict(recipe),
         "world_size": ctx.world_size,
     }
-    if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory behind
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
+        RunFiles(run_dir, new=resumed is None).create()
         print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
         if resumed:
             print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)

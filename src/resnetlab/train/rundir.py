@@ -16,9 +16,32 @@ from typing import Any
 
 import torch
 
-from resnetlab.train.checkpoint import atomic_write_bytes
+from resnetlab.errors import UsageError
+from resnetlab.train.checkpoint import CHECKPOINT_NAME, atomic_write_bytes
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json")
+
+
+class RunFiles:
+    """The run directory, on rank 0: created once the run has passed its checks."""
+
+    def __init__(self, run_dir: Path, new: bool) -> None:
+        self.run_dir = run_dir
+        self.new = new
+
+    def create(self) -> None:
+        """Make the directory; a new run then removes an old run's files (--force), now that it has passed its checks."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create run directory {self.run_dir}: {err.strerror or err}; choose another --out") from None
+        if self.new:
+            try:
+                for name in RUN_FILES:
+                    (self.run_dir / name).unlink(missing_ok=True)
+            except OSError as err:
+                raise UsageError(f"cannot overwrite run directory {self.run_dir}: {err.strerror or err}; choose another --out") from None
 
 
 def git_commit() -> str | None:
