@@ -462,3 +462,16 @@ def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted(before)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert (out / "last.safetensors").read_bytes() != before["last.safetensors"]
+
+
+@pytest.mark.parametrize("flags", [["--out", "OTHER"], ["--force"], ["--out", "OTHER", "--force"]])
+def test_resume_refuses_out_and_force(flags: list[str], tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    before = _copy_run(tiny_run.run_dir, run)
+    other = tmp_path / "other"
+    flags = [str(other) if f == "OTHER" else f for f in flags]
+    assert main(["train", "--resume", str(run), *flags]) == 2  # both were silently ignored, and config.json rewritten
+    err = capsys.readouterr().err.strip()
+    dropped = " and ".join(f for f in flags if f.startswith("--"))
+    assert "\n" not in err and f"--resume continues the run in {run}; drop {dropped}" in err
+    assert not other.exists() and {p.name: p.read_bytes() for p in run.iterdir()} == before
