@@ -213,7 +213,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(loop_module, "train_inputs", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 0 \(lr"):
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 0 \(lr .*; the last good checkpoint in .* is kept"):
         train("fast", out=out, **TINY)
     _, meta = read_checkpoint(out)
     assert meta["position"] == {"epoch": 1, "step": 0}
@@ -475,3 +475,17 @@ def test_resume_refuses_out_and_force(flags: list[str], tiny_run, tmp_path: Path
     dropped = " and ".join(f for f in flags if f.startswith("--"))
     assert "\n" not in err and f"--resume continues the run in {run}; drop {dropped}" in err
     assert not other.exists() and {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(existing: bool, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    real = loop_module.train_inputs
+    monkeypatch.setattr(loop_module, "train_inputs", lambda *a: real(*a) * float("nan"))
+    out = tmp_path / "runs" / "nan"  # both directories made by the run, or out made by the user
+    if existing:
+        out.mkdir(parents=True)
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1, step 0 \(lr .*; no checkpoint was written yet"):
+        train("fast", out=out, **{**TINY, "epochs": 1})
+    # A config.json alone could be neither resumed (no checkpoint) nor reused (already exists).
+    assert (out.is_dir() and not any(out.iterdir())) if existing else not (tmp_path / "runs").exists()

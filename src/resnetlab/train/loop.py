@@ -39,7 +39,7 @@ class TrainingInterrupted(ResnetlabError):
 
 
 class NonFiniteLoss(ResnetlabError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint, if there is one, is kept."""
 
 
 @dataclass
@@ -421,15 +421,7 @@ def train(
         "recipe": dataclasses.asdict(recipe),
         "world_size": ctx.world_size,
     }
-    if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
-        RunFiles(run_dir, new=resumed is None).create()
-        print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
-        if resumed:
-            print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
-        write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
-                                             "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
-                                             "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
-                                             **environment(device)})  # fmt: skip
+    files = RunFiles(run_dir, new=resumed is None)  # rank 0 creates the directory below
 
     def checkpoint(at_epoch: int, at_step: int) -> None:
         """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
@@ -441,11 +433,21 @@ def train(
                             {**meta_static, "position": {"epoch": at_epoch, "step": at_step}, "sums": saved_sums,
                              "history": history, "optimizer": _optimizer_groups(optimizer),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None})  # fmt: skip
+        files.checkpointed = True
         dist.barrier()
 
     confusion = None
     show_bar = ctx.is_main and (progress if progress is not None else sys.stdout.isatty())
-    with sigint_flag() as sigint:
+    with sigint_flag() as sigint, files:  # a failure before the first checkpoint removes what this run wrote
+        if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
+            files.create()
+            print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
+            if resumed:
+                print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
+            write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
+                                                 "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
+                                                 "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
+                                                 **environment(device)})  # fmt: skip
         while epoch < recipe.epochs:
             model.train()
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{recipe.epochs}", show_bar)
@@ -466,9 +468,11 @@ def train(
                     loss = loss_fn(logits.float(), labels)
                 if device.type == "cpu" or step % 20 == 0:  # a host sync; every step is free on the CPU
                     if not torch.isfinite(loss).item():
+                        kept = (f"the last good checkpoint in {run_dir} is kept" if files.checkpointed
+                                else "no checkpoint was written yet")
                         raise NonFiniteLoss(
                             f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (lr {optimizer.param_groups[0]['lr']:.4g}); "
-                            f"the last good checkpoint in {run_dir} is kept. Lower --lr or use --precision fp32"
+                            f"{kept}. Lower --lr or use --precision fp32"
                         )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
