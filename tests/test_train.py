@@ -213,7 +213,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(loop_module, "train_inputs", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 0 \(lr"):
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 0 \(lr .*; the last good checkpoint in .* is kept"):
         train("fast", out=out, **TINY)
     _, meta = read_checkpoint(out)
     assert meta["position"] == {"epoch": 1, "step": 0}
@@ -321,3 +321,171 @@ def test_step_clock_sums_only_the_bracketed_time_and_resets() -> None:
     first = clock.take()
     assert 0.04 <= first < 0.09
     assert clock.take() == 0.0
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "lazy", "cuda:x"])
+def test_devices_resnetlab_cannot_use_are_refused(device: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # torch knows meta, xpu and lazy, but training and eval need cpu, cuda or mps
+    out = tmp_path / "run"
+    assert main(["train", "--device", device, "--subset", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps" in err
+    assert not out.exists()
+    assert main(["eval", str(tmp_path / "no-such-run"), "--device", device]) == 2  # refused before the checkpoint is read
+    assert f"unknown device {device!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_nproc_below_one_is_refused(nproc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--nproc", nproc, "--subset", "64", "--epochs", "1", "--out", str(out)]) == 2  # 0 once ran one process
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--nproc must be >= 1, not {nproc}" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--momentum", "--label-smoothing", "--warmup"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_float_flags_are_refused(flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --lr inf and --weight-decay inf passed the range checks and training died at step 1
+    out = tmp_path / "run"
+    assert main(["train", f"{flag}={value}", "--subset", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{flag[2:].replace('-', ' ')} must be a finite number, not {float(value)}" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "1000000000000000000"])
+def test_seed_out_of_range_is_refused(seed: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--seed", seed, "--subset", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"seed must be in [0, {2**32 - 1}], not {seed}" in err
+    assert not out.exists()
+
+
+def test_every_valid_seed_gives_valid_generators() -> None:
+    from resnetlab.data import BatchLoader, Split
+    from resnetlab.train.recipes import MAX_SEED, Recipe
+
+    Recipe(seed=MAX_SEED).validate()
+    # Seeds from about 20,000 up once overflowed torch's seed range in the augmentation's derivation.
+    for seed in (20_000, 50_000, MAX_SEED):
+        loop_module.augment_generator(seed, 10_000, 100_000, 1_023).initial_seed()
+    split = Split(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, dtype=torch.int64), ["a"])
+    assert len(list(BatchLoader(split, 2, shuffle=True, seed=MAX_SEED).batches(10_000))) == 3  # the shuffle's own derivation
+    # Seeds that always worked keep their exact generators (resumed runs and published figures depend on them).
+    for seed, epoch, step, rank in [(0, 0, 0, 0), (3, 2, 117, 1), (9_000, 59, 468, 7), (18_000, 59, 1_000, 1)]:
+        old = ((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank
+        assert loop_module.augment_generator(seed, epoch, step, rank).initial_seed() == old
+
+
+@pytest.mark.parametrize("subset, trained", [(65, 64), (66, 66)])
+def test_a_final_batch_of_one_image_is_dropped(subset: int, trained: int, tmp_path: Path) -> None:
+    # At 8 px the last feature map is 1x1, where BatchNorm cannot normalise a batch of one image;
+    # any other final batch (here 2 images) is trained on as before.
+    result = train("fast", out=tmp_path / "run", **{**TINY, "subset": subset, "epochs": 1, "resize": 8})
+    row = result.history[0]
+    assert round(row["images_per_s"] * row["seconds"]) == trained
+
+
+def _image_folder(root: Path, per_class: int) -> Path:
+    """A tiny folder dataset: classes a and b, ``per_class`` 8x8 grey PNGs each."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("per_class, options", [(4, "?holdout=0"), (1, "")])
+def test_empty_test_split_is_refused_before_training(per_class: int, options: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # A whole epoch was trained before the test accuracy divided by zero (one image per class: no hold-out).
+    root = _image_folder(tmp_path / "imgs", per_class)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{root}{options}", "--batch-size", "2", "--epochs", "1", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and f"folder:{root}{options} has no test images" in err and "holdout" in err
+    assert not out.exists() and captured.out == ""
+
+
+def test_eval_on_an_empty_test_split_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _image_folder(tmp_path / "imgs", 4)
+    run = train("fast", out=tmp_path / "run", dataset=f"folder:{root}?holdout=0.5", model="resnet10", width=8, batch_size=2,
+                epochs=1, progress=False).run_dir  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", str(run), "--dataset", f"folder:{root}?holdout=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"folder:{root}?holdout=0 has no test images" in err
+
+
+@pytest.mark.parametrize("under", ["a-file", "/proc"])
+def test_run_directory_that_cannot_be_created_is_one_line(under: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if under == "a-file":
+        (tmp_path / "g.png").write_bytes(b"png")
+        out = tmp_path / "g.png" / "run"  # NotADirectoryError
+    elif not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    else:
+        out = Path("/proc/resnetlab-run")  # FileNotFoundError, even for root
+    assert main(["train", "--subset", "64", "--epochs", "1", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and f"cannot create run directory {out}: " in err and "another --out" in err
+    assert captured.out == ""  # before any training
+
+
+def _copy_run(run_dir: Path, dest: Path) -> dict[str, bytes]:
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    return {p.name: p.read_bytes() for p in dest.iterdir()}
+
+
+@pytest.mark.parametrize("flags", [["--subset", "100000000"], ["--resize", "8", "--model", "resnet18", "--stem", "imagenet"]])
+def test_force_keeps_the_old_run_until_the_new_one_passes_its_checks(flags: list[str], tiny_run, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out = tmp_path / "runF"
+    before = _copy_run(tiny_run.run_dir, out)
+    assert main(["train", "--out", str(out), "--force", "--epochs", "1", *flags]) == 2
+    assert "\n" not in capsys.readouterr().err.strip()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # once deleted at the start, before the checks
+
+
+def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
+    out = tmp_path / "runF"
+    before = _copy_run(tiny_run.run_dir, out)
+    train("fast", out=out, force=True, **{**TINY, "subset": 64, "epochs": 1})
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "last.safetensors").read_bytes() != before["last.safetensors"]
+
+
+@pytest.mark.parametrize("flags", [["--out", "OTHER"], ["--force"], ["--out", "OTHER", "--force"]])
+def test_resume_refuses_out_and_force(flags: list[str], tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    before = _copy_run(tiny_run.run_dir, run)
+    other = tmp_path / "other"
+    flags = [str(other) if f == "OTHER" else f for f in flags]
+    assert main(["train", "--resume", str(run), *flags]) == 2  # both were silently ignored, and config.json rewritten
+    err = capsys.readouterr().err.strip()
+    dropped = " and ".join(f for f in flags if f.startswith("--"))
+    assert "\n" not in err and f"--resume continues the run in {run}; drop {dropped}" in err
+    assert not other.exists() and {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(existing: bool, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    real = loop_module.train_inputs
+    monkeypatch.setattr(loop_module, "train_inputs", lambda *a: real(*a) * float("nan"))
+    out = tmp_path / "runs" / "nan"  # both directories made by the run, or out made by the user
+    if existing:
+        out.mkdir(parents=True)
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1, step 0 \(lr .*; no checkpoint was written yet"):
+        train("fast", out=out, **{**TINY, "epochs": 1})
+    # A config.json alone could be neither resumed (no checkpoint) nor reused (already exists).
+    assert (out.is_dir() and not any(out.iterdir())) if existing else not (tmp_path / "runs").exists()

@@ -17,7 +17,7 @@ RECIPE_FLAGS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "na
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.nproc:
+    if args.nproc is not None:  # not `if args.nproc`: --nproc 0 must be refused, not run as one process
         return _launch_torchrun(args.nproc)
     from resnetlab.train.loop import train
 
@@ -97,13 +97,14 @@ def _launch_torchrun(nproc: int) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from resnetlab.data import BatchLoader, load_dataset
     from resnetlab.train.checkpoint import load_checkpoint
-    from resnetlab.train.loop import evaluate, resolve_device
+    from resnetlab.train.loop import evaluate, require_test_images, resolve_device
 
     device = resolve_device(args.device)
     classifier = load_checkpoint(args.checkpoint, device=device)
     meta = classifier.meta
     dataset = args.dataset or meta["dataset"]
     _, test = load_dataset(dataset, root=args.data_root or meta.get("data_root"))
+    require_test_images(test, dataset)
     if list(test.images.shape[1:]) != list(meta["input_shape"]):
         raise UsageError(f"{dataset} images are {tuple(test.images.shape[1:])} but the model takes {tuple(meta['input_shape'])}")
     if test.classes != classifier.classes:

@@ -29,7 +29,7 @@ from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
 from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, prefixed, read_checkpoint, save_checkpoint
 from resnetlab.train.recipes import Recipe, get_recipe
-from resnetlab.train.rundir import environment, plot_confusion, plot_curves, write_json, write_metrics
+from resnetlab.train.rundir import RunFiles, environment, plot_confusion, plot_curves, write_json, write_metrics
 
 
 class TrainingInterrupted(ResnetlabError):
@@ -39,7 +39,7 @@ class TrainingInterrupted(ResnetlabError):
 
 
 class NonFiniteLoss(ResnetlabError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint, if there is one, is kept."""
 
 
 @dataclass
@@ -73,10 +73,13 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    device: torch.device | None
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # torch also knows meta, xpu, lazy...: not usable here
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -121,6 +124,15 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     mean = total / n
     std = (total_sq / n - mean * mean).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()
+
+
+def require_test_images(test: Split, dataset: str) -> None:
+    """Refuse an empty test split up front: test accuracy divides by its size (in training after a whole epoch)."""
+    if len(test) == 0:
+        raise UsageError(
+            f"{dataset} has no test images; add a test/ folder next to train/, or hold some out: "
+            "a holdout > 0 with 2 or more images per class (folder:PATH?holdout=0.1)"
+        )
 
 
 def seeded_subset(split: Split, n: int, seed: int) -> Split:
@@ -185,7 +197,9 @@ def make_optimizer(recipe: Recipe, net: nn.Module, lr: float) -> torch.optim.Opt
 
 def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
     """A CPU generator determined by (seed, epoch, step, rank): resumable without saved state."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank)
+    # Modulo 2**64, torch's seed range: the product overflows it from seed ~18,000 on, and torch
+    # itself takes any seed modulo 2**64, so every seed that fitted keeps its exact generator.
+    return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank) % 2**64)
 
 
 def train_inputs(images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, gen: torch.Generator) -> torch.Tensor:
@@ -260,6 +274,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 def prepare_run_dir(recipe: Recipe, out: str | Path | None, force: bool) -> Path:
+    """Choose the run directory and check it may be used; nothing is written or removed yet."""
     run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
@@ -269,8 +284,6 @@ def prepare_run_dir(recipe: Recipe, out: str | Path | None, force: bool) -> Path
                 f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
                 "--force to overwrite it, or another --out"
             )
-        for name in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json"):
-            (run_dir / name).unlink(missing_ok=True)
     return run_dir
 
 
@@ -301,6 +314,9 @@ def train(
     """
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, not {checkpoint_every}")
+    if resume is not None and (out is not None or force):  # the user's flags, before a torchelastic restart resumes --out
+        given = " and ".join(flag for flag, on in (("--out", out is not None), ("--force", force)) if on)
+        raise UsageError(f"--resume continues the run in {resume}; drop {given}")
     resumed: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     restarted = dist.restarted_run(out) if resume is None else None  # torchelastic restarted this worker group
     if restarted == "resume":  # continue from the last checkpoint, as --resume would
@@ -331,6 +347,7 @@ def train(
 
     # Data: whole splits as uint8 tensors on the device.
     train_split, test_split = load_dataset(recipe.dataset, root=data_root)
+    require_test_images(test_split, recipe.dataset)
     if recipe.subset:
         train_split = seeded_subset(train_split, recipe.subset, recipe.seed)
     c, h, w = train_split.images.shape[1:]
@@ -341,7 +358,11 @@ def train(
         mean, std = [0.0] * c, [1.0] * c
     preprocess = Preprocess(size, mean, std).to(device)
     batch_size = recipe.batch_size
-    train_loader = BatchLoader(train_split, batch_size, shuffle=True, seed=recipe.seed, drop_last=ctx.world_size > 1,
+    # Under torchrun every rank needs the same count of full batches (DDP). In one process only a
+    # final batch of one image is dropped: BatchNorm cannot normalise it where the last feature map
+    # is 1x1. Every other final batch is kept: published figures depend on the batches as they are.
+    drop_last = ctx.world_size > 1 or len(train_split) % batch_size == 1
+    train_loader = BatchLoader(train_split, batch_size, shuffle=True, seed=recipe.seed, drop_last=drop_last,
                                device=device, rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
     test_loader = BatchLoader(test_split, recipe.eval_batch_size, device=device, rank=ctx.rank, world_size=ctx.world_size)
     if len(train_loader) == 0:
@@ -400,15 +421,7 @@ def train(
         "recipe": dataclasses.asdict(recipe),
         "world_size": ctx.world_size,
     }
-    if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory behind
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
-        if resumed:
-            print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
-        write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
-                                             "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
-                                             "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
-                                             **environment(device)})  # fmt: skip
+    files = RunFiles(run_dir, new=resumed is None)  # rank 0 creates the directory below
 
     def checkpoint(at_epoch: int, at_step: int) -> None:
         """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
@@ -420,11 +433,21 @@ def train(
                             {**meta_static, "position": {"epoch": at_epoch, "step": at_step}, "sums": saved_sums,
                              "history": history, "optimizer": _optimizer_groups(optimizer),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None})  # fmt: skip
+        files.checkpointed = True
         dist.barrier()
 
     confusion = None
     show_bar = ctx.is_main and (progress if progress is not None else sys.stdout.isatty())
-    with sigint_flag() as sigint:
+    with sigint_flag() as sigint, files:  # a failure before the first checkpoint removes what this run wrote
+        if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
+            files.create()
+            print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
+            if resumed:
+                print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
+            write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
+                                                 "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
+                                                 "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
+                                                 **environment(device)})  # fmt: skip
         while epoch < recipe.epochs:
             model.train()
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{recipe.epochs}", show_bar)
@@ -445,9 +468,11 @@ def train(
                     loss = loss_fn(logits.float(), labels)
                 if device.type == "cpu" or step % 20 == 0:  # a host sync; every step is free on the CPU
                     if not torch.isfinite(loss).item():
+                        kept = (f"the last good checkpoint in {run_dir} is kept" if files.checkpointed
+                                else "no checkpoint was written yet")
                         raise NonFiniteLoss(
                             f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (lr {optimizer.param_groups[0]['lr']:.4g}); "
-                            f"the last good checkpoint in {run_dir} is kept. Lower --lr or use --precision fp32"
+                            f"{kept}. Lower --lr or use --precision fp32"
                         )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from resnetlab.errors import UsageError
 
 AUGMENTS = ("flip", "crop", "erase")
+# The largest --seed. Derived seeds (the shuffle's seed * 1_000_003 + epoch in data/loader.py, the
+# augmentation's in train/loop.py) must stay within torch's 64-bit seeds; 2**32 - 1 keeps the
+# shuffle's well inside, and is the usual seed range (numpy's) for anyone who wants a bound.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,10 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         """Raise UsageError for values that cannot mean anything; return self."""
+        for f in dataclasses.fields(self):  # first: inf passes range checks such as lr > 0, and nan fails them obscurely
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, not {value}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, not {self.batch_size}"),
@@ -109,6 +118,7 @@ class Recipe:
             (self.weight_decay >= 0, f"weight decay must be >= 0, not {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), not {self.label_smoothing}"),
             (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), not {self.warmup}"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], not {self.seed}"),
             (self.subset >= 0, f"subset must be >= 0 (0 = the whole split), not {self.subset}"),
             (self.width is None or self.width >= 1, f"width must be >= 1, not {self.width}"),
             (self.crop_padding >= 0, f"crop padding must be >= 0, not {self.crop_padding}"),

@@ -6,6 +6,7 @@ and resumed never shows a duplicated or missing epoch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,9 +17,60 @@ from typing import Any
 
 import torch
 
-from resnetlab.train.checkpoint import atomic_write_bytes
+from resnetlab.errors import UsageError
+from resnetlab.train.checkpoint import CHECKPOINT_NAME, atomic_write_bytes
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json")
+
+
+class RunFiles:
+    """The run directory, on rank 0: created once the run has passed its checks, discarded if the
+    run fails before its first checkpoint.
+
+    Why discard: a run that fails before its first checkpoint has nothing to resume, yet its
+    config.json alone made the directory "already exist", so it could be neither resumed nor reused
+    without --force. As a context manager, a failure before the first checkpoint therefore removes
+    the files this run wrote and the directories :meth:`create` made (a directory that existed
+    stays, without the run's files). A run that has checkpointed keeps everything, for ``--resume``.
+    A killed process cannot clean up: then torchelastic's restart starts over from the config.json
+    (``dist.restarted_run``), and a user reuses the directory with --force.
+    """
+
+    def __init__(self, run_dir: Path, new: bool) -> None:
+        self.run_dir = run_dir
+        self.new = new
+        self.checkpointed = not new  # a resumed run has its checkpoint
+        self._made: list[Path] | None = None  # what create() made, innermost first; None before create()
+
+    def create(self) -> None:
+        """Make the directory; a new run then removes an old run's files (--force), now that it has passed its checks."""
+        try:
+            missing = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create run directory {self.run_dir}: {err.strerror or err}; choose another --out") from None
+        if self.new:
+            try:
+                for name in RUN_FILES:
+                    (self.run_dir / name).unlink(missing_ok=True)
+            except OSError as err:
+                raise UsageError(f"cannot overwrite run directory {self.run_dir}: {err.strerror or err}; choose another --out") from None
+        self._made = missing  # only now: a failed create() leaves any old run's files to the user
+
+    def __enter__(self) -> "RunFiles":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None or self.checkpointed or self._made is None:
+            return
+        # Best effort: the run's own error is what the user must see. rmdir stops at a directory
+        # that is not empty (something else was put there meanwhile), and keeps it.
+        with contextlib.suppress(OSError):
+            for name in RUN_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+            for d in self._made:
+                d.rmdir()
 
 
 def git_commit() -> str | None:
