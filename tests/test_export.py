@@ -138,6 +138,33 @@ def test_opset_below_18_is_refused(run_dir, capsys):
     assert not (run_dir / "x.onnx").exists()
 
 
+def test_out_that_is_the_checkpoint_is_refused_and_the_checkpoint_kept(run_dir, tmp_path, capsys):
+    _needs_onnx()
+    ckpt = run_dir / "last.safetensors"
+    before = ckpt.read_bytes()
+    (tmp_path / "link").symlink_to(run_dir)
+    for out in (ckpt, run_dir / ".." / run_dir.name / "last.safetensors", tmp_path / "link" / "last.safetensors"):
+        assert main(["export", str(run_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"resnetlab: error: --out {out} is the checkpoint being exported and would be lost; "
+                       f"give another file such as {run_dir / 'model.onnx'}\n")  # fmt: skip
+    assert ckpt.read_bytes() == before
+
+
+def test_unwritable_out_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):
+    _needs_onnx()
+    (tmp_path / "file").write_text("not a directory")
+    cases = [(tmp_path / "file" / "m.onnx", f"{tmp_path / 'file'} is a file, not a directory"),
+             (tmp_path / "file" / "sub" / "m.onnx", f"{tmp_path / 'file'} is a file, not a directory")]  # fmt: skip
+    if Path("/proc/self").is_dir():  # Linux: a file system where nothing can be created
+        cases.append((Path("/proc/m.onnx"), "cannot create files in /proc ("))
+    for out, reason in cases:
+        assert main(["export", str(run_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"resnetlab: error: cannot write --out {out}: {reason}") and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_missing_onnx_extra_says_what_to_install(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` now raises ImportError
     assert main(["export", str(run_dir), "--out", str(tmp_path / "m.onnx")]) == 2
