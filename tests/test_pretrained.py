@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,21 @@ def test_unreadable_weights_files(tmp_path):
     torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "mixed.pt")
     with pytest.raises(CheckpointError, match="not a plain state dict"):
         read_weights(tmp_path / "mixed.pt")
+
+
+def test_damaged_old_style_pickles_are_one_line(tmp_path):
+    path = tmp_path / "w.pt"
+    cut = "is not a readable torch.save file .*; it may be truncated"
+    for data in (b"\x80\x04junk", pickle.dumps({"a": torch.ones(1).tolist()}, protocol=2)[:14]):
+        path.write_bytes(data)  # struct.error and IndexError inside torch.load
+        with pytest.raises(CheckpointError, match=cut):
+            read_weights(path)
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf, _use_new_zipfile_serialization=False)  # torch.save's pre-1.6 format
+    for n in range(2, len(buf.getvalue())):  # cut anywhere: always a CheckpointError, never a traceback
+        path.write_bytes(buf.getvalue()[:n])
+        with pytest.raises(CheckpointError):
+            read_weights(path)
 
 
 def test_checkpoint_commands_refuse_torch_save_files(source, tmp_path, capsys):
