@@ -181,6 +181,15 @@ def test_folder_empty_class(tmp_path, capsys):
     _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}", None, str(tmp_path / "f" / "c"), "empty class")
 
 
+def test_folder_decompression_bomb(tmp_path, capsys, monkeypatch):
+    _write_images(tmp_path / "f")
+    bomb = tmp_path / "f" / "a" / "big.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over twice this: 256 pixels is a "bomb"
+    _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}", None, str(bomb),
+                       r"too large to decode safely \(Image size \(256 pixels\) .*; downscale it")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ fuzzing
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -207,6 +207,19 @@ def test_predict_onnx_on_image_files(exported, run_dir, tmp_path, fashion_test_i
         assert np.allclose([x["probability"] for x in o["top"]], [x["probability"] for x in t["top"]], atol=1e-5)
 
 
+def test_predict_refuses_a_decompression_bomb_in_one_line(exported, run_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over twice this: 784 pixels is a "bomb"
+    for model in (["--onnx", str(exported[0])], [str(run_dir)]):
+        assert main(["predict", *model, str(bomb)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"resnetlab: error: {bomb}: too large to decode safely (Image size (784 pixels) ")
+        assert err.endswith("; downscale it\n") and err.count("\n") == 1
+
+
 def test_predict_onnx_never_imports_torch(exported, tmp_path, fashion_test_images):
     files = _write_images(tmp_path, fashion_test_images)
     code = textwrap.dedent(

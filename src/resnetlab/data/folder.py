@@ -127,6 +127,8 @@ def _probe(path: Path) -> tuple[tuple[int, int], str]:
     try:
         with Image.open(path) as im:
             return im.size, im.mode
+    except Image.DecompressionBombError as err:  # not an OSError; every image is probed before _load opens it
+        raise DataError(f"{path}: too large to decode safely ({err}); downscale it or remove it from the folder") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: unreadable image ({_first_line(err)})") from None
 
