@@ -220,6 +220,32 @@ def test_predict_refuses_a_decompression_bomb_in_one_line(exported, run_dir, tmp
         assert err.endswith("; downscale it\n") and err.count("\n") == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_predict_refuses_fifos_instead_of_waiting_forever(run_dir, tmp_path):
+    from PIL import Image
+
+    image, fifo = tmp_path / "a.png", tmp_path / "fifo.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    os.mkfifo(fifo)
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "last.safetensors")
+    code = textwrap.dedent(
+        f"""
+        from resnetlab.cli import main
+        print(main(["predict", {str(run_dir)!r}, {str(fifo)!r}]), main(["predict", {str(tmp_path / "run")!r}, {str(image)!r}]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    # A subprocess with a timeout: before the fix, opening the FIFO blocked forever.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.stdout == "2 2\n"
+    assert proc.stderr == (
+        f"resnetlab: error: {fifo}: not a regular file (a FIFO, device or directory); give an image file\n"
+        f"resnetlab: error: {tmp_path / 'run' / 'last.safetensors'} is not a regular file (a FIFO or device); "
+        "give a run directory or its last.safetensors\n"
+    )
+
+
 def test_predict_onnx_never_imports_torch(exported, tmp_path, fashion_test_images):
     files = _write_images(tmp_path, fashion_test_images)
     code = textwrap.dedent(

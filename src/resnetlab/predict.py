@@ -23,6 +23,8 @@ def read_image(path: str | Path, channels: int, height: int, width: int) -> np.n
     """
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).exists() and not Path(path).is_file():  # opening a FIFO waits for a writer, maybe forever
+        raise ValueError("not a regular file (a FIFO, device or directory); give an image file")
     try:
         with Image.open(path) as im:
             im.load()

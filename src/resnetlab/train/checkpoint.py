@@ -65,6 +65,8 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
         p = p / CHECKPOINT_NAME
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}; give a run directory or its {CHECKPOINT_NAME}")
+    if not p.is_file():  # opening a FIFO waits for a writer, maybe forever
+        raise CheckpointError(f"{p} is not a regular file (a FIFO or device); give a run directory or its {CHECKPOINT_NAME}")
     return p
 
 
