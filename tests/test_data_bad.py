@@ -190,6 +190,12 @@ def test_folder_decompression_bomb(tmp_path, capsys, monkeypatch):
                        r"too large to decode safely \(Image size \(256 pixels\) .*; downscale it")  # fmt: skip
 
 
+def test_folder_size_too_large_for_memory(tmp_path, capsys):
+    _write_images(tmp_path / "f")  # 4 training images at 10^8 x 10^8: 36 PiB, more than any address space: fails at once
+    _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}?size=100000000", None, "4 images at 100000000x100000000x1",
+                       r"more than can be allocated; choose a smaller size with folder:PATH\?size=N")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ fuzzing
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

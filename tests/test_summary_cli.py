@@ -112,6 +112,27 @@ def test_summary_reports_too_small_input(capsys, monkeypatch):
     assert err == "resnetlab: error: input 32x64 is too small for resnet18 (stem imagenet); the smallest it accepts is 40x40\n"
 
 
+def test_sizes_too_large_for_memory_are_one_line_naming_them(capsys, monkeypatch):
+    import torch
+
+    import resnetlab.models.summary as summary
+
+    code, lines, err = run(capsys, "summary", "resnet18", "--width", "1000000000")
+    assert code == 2 and lines == [] and err.count("\n") == 1
+    assert err.startswith("resnetlab: error: out of memory (Storage size calculation overflowed with sizes=[1000000000, ")
+    assert err.endswith("; make the model, images or batch smaller (given: --input 1x1x224x224, --width 1000000000)\n")
+    # The CPU allocator refusing a real allocation (256 TiB, more than any address space), as `train --width 100000` does.
+    monkeypatch.setattr(summary, "count_parameters", lambda model: torch.empty(2**48, dtype=torch.uint8).numel())
+    code, _, err = run(capsys, "summary", "resnet10", "--width", "8")
+    assert code == 2 and err == (
+        "resnetlab: error: out of memory (a 262,144.0 GiB tensor); make the model, images or batch smaller "
+        "(given: --input 1x1x224x224, --width 8)\n"
+    )
+    monkeypatch.setattr(summary, "count_parameters", lambda model: torch.ones(2) @ torch.ones(3))  # any other error is a bug
+    with pytest.raises(RuntimeError, match="inconsistent tensor size"):
+        main(["summary", "resnet10"])
+
+
 def test_summary_tiny_input_runs(capsys):
     code, lines, _ = run(capsys, "summary", "resnet18", "--input", "1x1x1x1")
     assert code == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -189,11 +190,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ResnetlabError as err:
         print(f"resnetlab: error: {err}", file=sys.stderr)
         return err.exit_code
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and not _TOO_LARGE.search(str(err)):
+            raise
+        print(f"resnetlab: error: {_too_large(err, args)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("resnetlab: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+
+
+# How torch says a tensor cannot be allocated (CPU, CUDA, MPS) or its size cannot even be computed.
+_TOO_LARGE = re.compile(r"can't allocate memory|out of memory|Storage size calculation overflowed")
+# Options that size tensors: a bound on each would be arbitrary, so the allocation failure names them instead.
+_SIZE_OPTIONS = ("input", "width", "resize", "batch_size", "eval_batch_size", "batch_sizes", "lever_batch_size",
+                 "peak_size", "bf16_peak_size")  # fmt: skip
+
+
+def _too_large(err: BaseException, args: argparse.Namespace) -> str:
+    """One line for an allocation that failed: what was asked for and the sizes given to make smaller."""
+    text = str(err).strip()
+    asked = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's message is long and low-level
+    what = f"a {int(asked.group(1)) / 2**30:,.1f} GiB tensor" if asked else (text.splitlines() or [type(err).__name__])[0]
+    given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in _SIZE_OPTIONS and v is not None)
+    return f"out of memory ({what}); make the model, images or batch smaller" + (f" (given: {given})" if given else "")
 
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:

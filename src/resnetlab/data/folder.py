@@ -137,7 +137,12 @@ def _load(files: list[tuple[Path, int]], size: tuple[int, int], channels: int) -
     from PIL import Image, UnidentifiedImageError
 
     h, w = size
-    images = np.empty((len(files), h, w, channels), dtype=np.uint8)
+    try:
+        images = np.empty((len(files), h, w, channels), dtype=np.uint8)
+    except MemoryError:  # numpy refuses at once; a size that fits is the user's to choose
+        need = len(files) * h * w * channels
+        raise DataError(f"{len(files)} images at {h}x{w}x{channels} need {need / 2**30:,.0f} GiB of memory, more than can be "
+                        f"allocated; choose a smaller size with folder:PATH?size=N (e.g. size=64)") from None  # fmt: skip
     labels = np.empty(len(files), dtype=np.int64)
     mode = "L" if channels == 1 else "RGB"
     for i, (path, label) in enumerate(files):
