@@ -268,7 +268,8 @@ def parse_input_shape(text: str) -> tuple[int, int, int, int]:
         UsageError: anything else, showing the expected form.
     """
     parts = re.split(r"[xX]", text.strip())
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    # isdecimal, not isdigit: it accepts exactly the digits int() parses (isdigit also takes "²")
+    if len(parts) != 4 or not all(p.isdecimal() and int(p) > 0 for p in parts):
         raise UsageError(f"--input {text!r} is not a shape of four positive integers; expected {_SHAPE_FORM}")
     n, c, h, w = (int(p) for p in parts)
     return n, c, h, w
