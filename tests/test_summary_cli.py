@@ -93,6 +93,8 @@ def test_summary_in_chans_must_match_input(capsys):
     [
         (["--width", "0"], "width must be a positive integer, got 0"),
         (["--num-classes", "0"], "num_classes must be a positive integer, got 0"),
+        (["--in-chans", "0"], "--in-chans must be a positive integer, got 0"),
+        (["--in-chans", "-3"], "--in-chans must be a positive integer, got -3"),
     ],
 )
 def test_summary_bad_options(capsys, argv, message):

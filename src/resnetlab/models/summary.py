@@ -283,6 +283,8 @@ def run_summary(args: argparse.Namespace) -> int:
     """``resnetlab summary``: the chapter's per-layer shape lines, then parameters and multiply-adds."""
     input_shape = parse_input_shape(args.input)
     n, c, h, w = input_shape
+    if args.in_chans is not None and args.in_chans < 1:  # else the mismatch hint below would suggest an invalid --input
+        raise UsageError(f"--in-chans must be a positive integer, got {args.in_chans}")
     if args.in_chans is not None and args.in_chans != c:
         raise UsageError(
             f"--in-chans {args.in_chans} does not match the {c} channel(s) of --input {args.input}; "
