@@ -107,8 +107,6 @@ def median_or_none(values: list[float | None]) -> float | None:
 def run_tta_bench(args: argparse.Namespace) -> int:
     from resnetlab.bench.machine import cpu_info
 
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, not {args.seeds}")
     if not 0 < args.target <= 1:
         raise UsageError(f"--target is an accuracy in (0, 1], not {args.target}")
     extra = shlex.split(args.train_args or "")
