@@ -292,6 +292,8 @@ def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str])
     assert median_or_none([3.0, None, 1.0]) == 3.0 and median_or_none([None, None, 1.0]) is None
     assert main(["bench", "time-to-accuracy", "--train-args", "--seed 3"]) == 2
     assert "may not set --seed" in capsys.readouterr().err
+    assert main(["bench", "time-to-accuracy", "--train-args", "--epochs '3"]) == 2
+    assert capsys.readouterr().err == "resnetlab: error: --train-args: No closing quotation\n"
 
 
 def test_accuracy_holds_script_runs_tiny(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:

@@ -109,7 +109,10 @@ def run_tta_bench(args: argparse.Namespace) -> int:
 
     if not 0 < args.target <= 1:
         raise UsageError(f"--target is an accuracy in (0, 1], not {args.target}")
-    extra = shlex.split(args.train_args or "")
+    try:
+        extra = shlex.split(args.train_args or "")
+    except ValueError as err:  # "No closing quotation", "No escaped character"
+        raise UsageError(f"--train-args: {err}") from None
     for flag in ("--recipe", "--seed", "--out", "--force", "--resume", "--nproc"):
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise UsageError(f"--train-args may not set {flag}: the benchmark sets it")
