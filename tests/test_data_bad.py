@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 import tarfile
 
@@ -179,6 +180,22 @@ def test_folder_empty_class(tmp_path, capsys):
     (tmp_path / "f" / "c").mkdir()
     (tmp_path / "f" / "c" / "readme.txt").write_text("no images")
     _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}", None, str(tmp_path / "f" / "c"), "empty class")
+
+
+def test_folder_with_one_class_is_refused(tmp_path, capsys):
+    one = tmp_path / "one"  # a classifier of one class trained to a meaningless 100%
+    _write_images(one)
+    shutil.rmtree(one / "b")
+    _expect_data_error(capsys, tmp_path, f"folder:{one}", None, str(one),
+                       r": only one class \(a\); a classifier needs two or more class sub-folders")  # fmt: skip
+    half = tmp_path / "half"  # train/ alone was read as one class named "train"
+    _write_images(half / "train")
+    _expect_data_error(capsys, tmp_path, f"folder:{half}", None, str(half), "has train/ but no test/ or val/ beside it")
+    split = tmp_path / "split"
+    for part in ("train", "test"):
+        _write_images(split / part)
+        shutil.rmtree(split / part / "b")
+    _expect_data_error(capsys, tmp_path, f"folder:{split}", None, str(split / "train"), r"only one class \(a\)")
 
 
 def test_folder_decompression_bomb(tmp_path, capsys, monkeypatch):

@@ -9,7 +9,8 @@
 * Test split: PATH/train plus PATH/test (or PATH/val) when those exist, with the classes taken
   from train; otherwise a seeded, stratified hold-out of ``HOLDOUT_FRACTION`` (10%) of each
   class (at least one image of every class with two or more; ``seed`` 0 by default).
-* An image Pillow cannot read, or a class folder without images, is a :class:`DataError`.
+* An image Pillow cannot read, a class folder without images, or fewer than two classes is a
+  :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def read_folder(
         train_dir = split_dirs["train"]
         test_dir = split_dirs.get("test") or split_dirs["val"]
         classes, train_files = _scan(train_dir)
+        _check_classes(train_dir, classes)
         test_classes, test_files = _scan(test_dir)
         unknown = [c for c in test_classes if c not in classes]
         if unknown:
@@ -60,6 +62,7 @@ def read_folder(
         test_files = [(f, remap[label]) for f, label in test_files]
     else:
         classes, files = _scan(path)
+        _check_classes(path, classes)
         train_files, test_files = _holdout(files, len(classes), holdout, seed)
     infos = {f: _probe(f) for f, _ in train_files + test_files}
     if size is None:
@@ -103,6 +106,17 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             raise DataError(f"{d}: empty class: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files.extend((p, label) for p in imgs)
     return [d.name for d in class_dirs], files
+
+
+def _check_classes(root: Path, classes: list[str]) -> None:
+    """A classifier needs two classes; one alone would train to a meaningless 100% accuracy."""
+    if len(classes) >= 2:
+        return
+    if classes[0] in ("train", "test", "val"):  # half of a train/test layout, read as PATH/<class>
+        missing = "test/ or val/" if classes[0] == "train" else "train/"
+        raise DataError(f"{root} has {classes[0]}/ but no {missing} beside it: add it (PATH/train/<class>/..., "
+                        f"PATH/test/<class>/...), or put the class folders directly in {root} for a hold-out")  # fmt: skip
+    raise DataError(f"{root}: only one class ({classes[0]}); a classifier needs two or more class sub-folders")
 
 
 def _holdout(
