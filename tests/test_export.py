@@ -220,6 +220,14 @@ def test_predict_refuses_a_decompression_bomb_in_one_line(exported, run_dir, tmp
         assert err.endswith("; downscale it\n") and err.count("\n") == 1
 
 
+def test_predict_takes_options_between_positionals(exported, run_dir, tmp_path, fashion_test_images, capsys):
+    files = _write_images(tmp_path, fashion_test_images)
+    assert main(["predict", str(run_dir), files[0], "--topk", "1", files[2]]) == 0  # was "unrecognized arguments"
+    assert [line.split(": ")[0] for line in capsys.readouterr().out.splitlines()] == [files[0], files[2]]
+    assert main(["predict", "--onnx", str(exported[0]), files[0], "--json", files[2]]) == 0
+    assert [r["image"] for r in json.loads(capsys.readouterr().out)] == [files[0], files[2]]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_predict_refuses_fifos_instead_of_waiting_forever(run_dir, tmp_path):
     from PIL import Image

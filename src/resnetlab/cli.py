@@ -28,6 +28,27 @@ HANDLERS: dict[str, str] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options may sit between positionals (`predict RUN --topk 1 a.png`), which plain parsing rejects.
+
+    Sub-commands parse with parse_known_intermixed_args; it refuses parsers holding sub-commands
+    themselves (nargs=PARSER), which parse as usual and hand the rest to theirs.
+    """
+
+    _intermixing = False  # parse_known_intermixed_args calls parse_known_args itself (Python < 3.13)
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def _add_summary(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="print the model's layer-by-layer output shapes, parameters and multiply-adds")
     p.add_argument("model", help="a registered model name (see `resnetlab models`)")
@@ -172,7 +193,7 @@ def _add_bench_common(b: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnetlab", description="Residual networks: build, train, evaluate, export.")
+    parser = _Parser(prog="resnetlab", description="Residual networks: build, train, evaluate, export.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_summary(sub)
