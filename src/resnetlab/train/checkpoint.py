@@ -155,6 +155,22 @@ class Classifier(nn.Module):
         return logits.float()
 
 
+def load_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``weights`` into ``net`` strictly, or raise a one-line CheckpointError: ``what`` and the first difference.
+
+    Compared here, not left to load_state_dict, whose size mismatch is a RuntimeError of many lines.
+    """
+    target = net.state_dict()
+    missing = [k for k in target if k not in weights]
+    unexpected = [k for k in weights if k not in target]
+    shapes = [k for k in target if k in weights and weights[k].shape != target[k].shape]
+    if missing or unexpected or shapes:
+        first = (f"{shapes[0]} is {tuple(weights[shapes[0]].shape)} in the file, {tuple(target[shapes[0]].shape)} in the model"
+                 if shapes else f"missing {missing[:3]}, unexpected {unexpected[:3]}")  # fmt: skip
+        raise CheckpointError(f"{what} ({first}); the checkpoint is damaged")
+    net.load_state_dict(weights)
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
     """Load a resnetlab checkpoint as a :class:`Classifier` in eval mode.
 
@@ -171,17 +187,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     tensors, meta = read_checkpoint(path)
     spec = meta["model"]
     net = create_model(spec["name"], **spec["options"])
-    weights, target = prefixed(tensors, "model."), net.state_dict()
-    # Compared here, not left to load_state_dict, whose size mismatch is a many-line RuntimeError.
-    missing = [k for k in target if k not in weights]
-    unexpected = [k for k in weights if k not in target]
-    shapes = [k for k in target if k in weights and weights[k].shape != target[k].shape]
-    if missing or unexpected or shapes:
-        first = (f"{shapes[0]} is {tuple(weights[shapes[0]].shape)} in the file, {tuple(target[shapes[0]].shape)} in the model"
-                 if shapes else f"missing {missing[:3]}, unexpected {unexpected[:3]}")  # fmt: skip
-        raise CheckpointError(f"{path}: the weights do not fit the {spec['name']} {spec['options']} its metadata describes "
-                              f"({first}); the checkpoint is damaged")  # fmt: skip
-    net.load_state_dict(weights)
+    load_weights(net, prefixed(tensors, "model."), f"{path}: the weights do not fit the {spec['name']} {spec['options']} "
+                 "its metadata describes")  # fmt: skip
     classifier = Classifier(
         net,
         Preprocess.from_config(meta["preprocessing"]),
