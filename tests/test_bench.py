@@ -237,6 +237,28 @@ def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -
     assert "unknown lever" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--peak-size", "0"], "--peak-size must be >= 1, not 0"),  # was a ZeroDivisionError
+    (["infer", "--peak-size", "-5"], "--peak-size must be >= 1, not -5"),  # was a negative-dimension RuntimeError
+    (["infer", "--bf16-peak-size", "0"], "--bf16-peak-size must be >= 1, not 0"),
+    (["infer", "--resize", "-5"], "--resize must be >= 0, not -5"),
+    (["train", "--resize", "-1"], "--resize must be >= 0, not -1"),
+    (["train", "--lever-batch-size", "0", "--levers", "all"], "--lever-batch-size must be >= 1, not 0"),
+    (["train", "--lever-steps", "0", "--levers", "all"], "--lever-steps must be >= 1, not 0"),
+    (["train", "--steps", "0"], "--steps must be >= 1, not 0"),
+    (["train", "--workers", "-1"], "--workers must be >= 0, not -1"),
+    (["infer", "--small-reps", "0"], "--small-reps must be >= 1, not 0"),
+    (["infer", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
+    (["time-to-accuracy", "--seeds", "0"], "--seeds must be >= 1, not 0"),
+    (["train", "--threads", "0"], "--threads must be >= 1, not 0"),
+])  # fmt: skip
+def test_bench_size_flags_are_checked_first(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    t0 = time.perf_counter()
+    assert main(["bench", *argv]) == 2
+    assert capsys.readouterr().err == f"resnetlab: error: {message}\n"
+    assert time.perf_counter() - t0 < 5  # refused before any matmul, dataset or model
+
+
 def test_bench_infer_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
     r = last_json(capsys, ["bench", "infer", "--dataset", tiny_folder, "--resize", "32", "--batch-sizes", "1,4",
                            "--reps", "1", "--small-reps", "2", *PEAKS, "--json"])  # fmt: skip
@@ -270,6 +292,8 @@ def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str])
     assert median_or_none([3.0, None, 1.0]) == 3.0 and median_or_none([None, None, 1.0]) is None
     assert main(["bench", "time-to-accuracy", "--train-args", "--seed 3"]) == 2
     assert "may not set --seed" in capsys.readouterr().err
+    assert main(["bench", "time-to-accuracy", "--train-args", "--epochs '3"]) == 2
+    assert capsys.readouterr().err == "resnetlab: error: --train-args: No closing quotation\n"
 
 
 def test_accuracy_holds_script_runs_tiny(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:

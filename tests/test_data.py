@@ -305,6 +305,16 @@ def test_cli_folder_info(tmp_path, capsys):
     assert main(["data", "fetch", f"folder:{tmp_path / 'f'}"]) == 2
 
 
+def test_cli_options_may_sit_between_positionals(tmp_path, capsys):
+    for c in ("a", "b"):
+        for i in range(3):
+            _img(tmp_path / "f" / c / f"{i}.png", (4, 4), "L", 0)
+    assert main(["data", "info", "--quiet", f"folder:{tmp_path / 'f'}"]) == 0  # was "unrecognized arguments"
+    assert capsys.readouterr() == ("", "")
+    assert main(["data", "info", "--root", str(tmp_path), f"folder:{tmp_path / 'f'}"]) == 0
+    assert "image 1x4x4" in capsys.readouterr().out
+
+
 def test_folder_16bit_and_palette_images_convert(tmp_path):
     root = tmp_path / "m"
     (root / "a").mkdir(parents=True)

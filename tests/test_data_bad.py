@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 import tarfile
 
@@ -179,6 +180,37 @@ def test_folder_empty_class(tmp_path, capsys):
     (tmp_path / "f" / "c").mkdir()
     (tmp_path / "f" / "c" / "readme.txt").write_text("no images")
     _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}", None, str(tmp_path / "f" / "c"), "empty class")
+
+
+def test_folder_with_one_class_is_refused(tmp_path, capsys):
+    one = tmp_path / "one"  # a classifier of one class trained to a meaningless 100%
+    _write_images(one)
+    shutil.rmtree(one / "b")
+    _expect_data_error(capsys, tmp_path, f"folder:{one}", None, str(one),
+                       r": only one class \(a\); a classifier needs two or more class sub-folders")  # fmt: skip
+    half = tmp_path / "half"  # train/ alone was read as one class named "train"
+    _write_images(half / "train")
+    _expect_data_error(capsys, tmp_path, f"folder:{half}", None, str(half), "has train/ but no test/ or val/ beside it")
+    split = tmp_path / "split"
+    for part in ("train", "test"):
+        _write_images(split / part)
+        shutil.rmtree(split / part / "b")
+    _expect_data_error(capsys, tmp_path, f"folder:{split}", None, str(split / "train"), r"only one class \(a\)")
+
+
+def test_folder_decompression_bomb(tmp_path, capsys, monkeypatch):
+    _write_images(tmp_path / "f")
+    bomb = tmp_path / "f" / "a" / "big.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over twice this: 256 pixels is a "bomb"
+    _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}", None, str(bomb),
+                       r"too large to decode safely \(Image size \(256 pixels\) .*; downscale it")  # fmt: skip
+
+
+def test_folder_size_too_large_for_memory(tmp_path, capsys):
+    _write_images(tmp_path / "f")  # 4 training images at 10^8 x 10^8: 36 PiB, more than any address space: fails at once
+    _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}?size=100000000", None, "4 images at 100000000x100000000x1",
+                       r"more than can be allocated; choose a smaller size with folder:PATH\?size=N")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ fuzzing

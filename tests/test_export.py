@@ -138,6 +138,33 @@ def test_opset_below_18_is_refused(run_dir, capsys):
     assert not (run_dir / "x.onnx").exists()
 
 
+def test_out_that_is_the_checkpoint_is_refused_and_the_checkpoint_kept(run_dir, tmp_path, capsys):
+    _needs_onnx()
+    ckpt = run_dir / "last.safetensors"
+    before = ckpt.read_bytes()
+    (tmp_path / "link").symlink_to(run_dir)
+    for out in (ckpt, run_dir / ".." / run_dir.name / "last.safetensors", tmp_path / "link" / "last.safetensors"):
+        assert main(["export", str(run_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"resnetlab: error: --out {out} is the checkpoint being exported and would be lost; "
+                       f"give another file such as {run_dir / 'model.onnx'}\n")  # fmt: skip
+    assert ckpt.read_bytes() == before
+
+
+def test_unwritable_out_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):
+    _needs_onnx()
+    (tmp_path / "file").write_text("not a directory")
+    cases = [(tmp_path / "file" / "m.onnx", f"{tmp_path / 'file'} is a file, not a directory"),
+             (tmp_path / "file" / "sub" / "m.onnx", f"{tmp_path / 'file'} is a file, not a directory")]  # fmt: skip
+    if Path("/proc/self").is_dir():  # Linux: a file system where nothing can be created
+        cases.append((Path("/proc/m.onnx"), "cannot create files in /proc ("))
+    for out, reason in cases:
+        assert main(["export", str(run_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"resnetlab: error: cannot write --out {out}: {reason}") and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_missing_onnx_extra_says_what_to_install(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` now raises ImportError
     assert main(["export", str(run_dir), "--out", str(tmp_path / "m.onnx")]) == 2
@@ -178,6 +205,53 @@ def test_predict_onnx_on_image_files(exported, run_dir, tmp_path, fashion_test_i
     for o, t in zip([results[0], results[2]], torch_results):
         assert [x["class"] for x in o["top"]] == [x["class"] for x in t["top"]]
         assert np.allclose([x["probability"] for x in o["top"]], [x["probability"] for x in t["top"]], atol=1e-5)
+
+
+def test_predict_refuses_a_decompression_bomb_in_one_line(exported, run_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over twice this: 784 pixels is a "bomb"
+    for model in (["--onnx", str(exported[0])], [str(run_dir)]):
+        assert main(["predict", *model, str(bomb)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"resnetlab: error: {bomb}: too large to decode safely (Image size (784 pixels) ")
+        assert err.endswith("; downscale it\n") and err.count("\n") == 1
+
+
+def test_predict_takes_options_between_positionals(exported, run_dir, tmp_path, fashion_test_images, capsys):
+    files = _write_images(tmp_path, fashion_test_images)
+    assert main(["predict", str(run_dir), files[0], "--topk", "1", files[2]]) == 0  # was "unrecognized arguments"
+    assert [line.split(": ")[0] for line in capsys.readouterr().out.splitlines()] == [files[0], files[2]]
+    assert main(["predict", "--onnx", str(exported[0]), files[0], "--json", files[2]]) == 0
+    assert [r["image"] for r in json.loads(capsys.readouterr().out)] == [files[0], files[2]]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_predict_refuses_fifos_instead_of_waiting_forever(run_dir, tmp_path):
+    from PIL import Image
+
+    image, fifo = tmp_path / "a.png", tmp_path / "fifo.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    os.mkfifo(fifo)
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "last.safetensors")
+    code = textwrap.dedent(
+        f"""
+        from resnetlab.cli import main
+        print(main(["predict", {str(run_dir)!r}, {str(fifo)!r}]), main(["predict", {str(tmp_path / "run")!r}, {str(image)!r}]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    # A subprocess with a timeout: before the fix, opening the FIFO blocked forever.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.stdout == "2 2\n"
+    assert proc.stderr == (
+        f"resnetlab: error: {fifo}: not a regular file (a FIFO, device or directory); give an image file\n"
+        f"resnetlab: error: {tmp_path / 'run' / 'last.safetensors'} is not a regular file (a FIFO or device); "
+        "give a run directory or its last.safetensors\n"
+    )
 
 
 def test_predict_onnx_never_imports_torch(exported, tmp_path, fashion_test_images):

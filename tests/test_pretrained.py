@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,21 @@ def test_unreadable_weights_files(tmp_path):
         read_weights(tmp_path / "mixed.pt")
 
 
+def test_damaged_old_style_pickles_are_one_line(tmp_path):
+    path = tmp_path / "w.pt"
+    cut = "is not a readable torch.save file .*; it may be truncated"
+    for data in (b"\x80\x04junk", pickle.dumps({"a": torch.ones(1).tolist()}, protocol=2)[:14]):
+        path.write_bytes(data)  # struct.error and IndexError inside torch.load
+        with pytest.raises(CheckpointError, match=cut):
+            read_weights(path)
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf, _use_new_zipfile_serialization=False)  # torch.save's pre-1.6 format
+    for n in range(2, len(buf.getvalue())):  # cut anywhere: always a CheckpointError, never a traceback
+        path.write_bytes(buf.getvalue()[:n])
+        with pytest.raises(CheckpointError):
+            read_weights(path)
+
+
 def test_checkpoint_commands_refuse_torch_save_files(source, tmp_path, capsys):
     path = tmp_path / "model.pt"
     torch.save(source.state_dict(), path)
@@ -199,3 +215,34 @@ def test_train_init_from_fine_tunes_from_the_weights(weights, tmp_path):
     for k in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight"):
         assert (trained[k] - src[k]).abs().max() < 1e-3, k  # one tiny step away from the file's weights
     assert trained["fc.weight"].shape == (2, 512)
+
+
+def _checkpoint(path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
+    """A resnetlab checkpoint of a width-8 resnet10 (no training), its metadata changed or without ``drop``."""
+    from resnetlab.data import Preprocess
+    from resnetlab.train.checkpoint import save_checkpoint
+
+    net = create_model("resnet10", width=8, stem="small")
+    meta = {"model": {"name": net.name, "options": net.options}, "classes": [str(i) for i in range(10)],
+            "input_shape": [1, 28, 28], "preprocessing": Preprocess(None, [0.0], [1.0]).config(), "recipe": {},
+            "position": {"epoch": 0, "step": 0}, "sums": {}, "history": [], "optimizer": [], **changes}  # fmt: skip
+    save_checkpoint(path, {f"model.{k}": v for k, v in net.state_dict().items()}, {k: v for k, v in meta.items() if k not in drop})
+    return path
+
+
+def test_checkpoint_whose_metadata_does_not_fit_its_weights_is_one_line(tmp_path, capsys):
+    assert load_checkpoint(_checkpoint(tmp_path / "good.safetensors")).classes[0] == "0"
+    options = {**create_model("resnet10", width=8, stem="small").options, "width": 16}
+    wide = _checkpoint(tmp_path / "wide.safetensors", model={"name": "resnet10", "options": options})
+    with pytest.raises(CheckpointError, match=r"do not fit the resnet10 .*'width': 16.* \(conv1.weight is \(8, 1, 3, 3\) in "
+                                              r"the file, \(16, 1, 3, 3\) in the model\); the checkpoint is damaged"):  # fmt: skip
+        load_checkpoint(wide)
+    bare = _checkpoint(tmp_path / "nomodel.safetensors", drop=("model", "classes"))
+    with pytest.raises(CheckpointError, match=r"incomplete resnetlab metadata \(no model, classes\)"):
+        load_checkpoint(bare)
+    with pytest.raises(CheckpointError, match="model is 'resnet10', not a name and options"):
+        load_checkpoint(_checkpoint(tmp_path / "flat.safetensors", model="resnet10"))
+    for path in (wide, bare):
+        assert main(["eval", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"resnetlab: error: {path}") and err.count("\n") == 1

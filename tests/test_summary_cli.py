@@ -69,7 +69,7 @@ def test_summary_unknown_model(capsys):
     assert err == "resnetlab: error: unknown model 'resnet19'; did you mean resnet18, resnet10, resnet152? (see `resnetlab models`)\n"
 
 
-@pytest.mark.parametrize("bad", ["224", "1x1x0x224", "axb", "1x1x224", "1x1x224x224x1", "1x-1x2x2", ""])
+@pytest.mark.parametrize("bad", ["224", "1x1x0x224", "axb", "1x1x224", "1x1x224x224x1", "1x-1x2x2", "", "1x1x²x28"])
 def test_summary_malformed_input(capsys, bad):
     code, lines, err = run(capsys, "summary", "resnet18", "--input", bad)
     assert code == 2 and lines == []
@@ -93,6 +93,8 @@ def test_summary_in_chans_must_match_input(capsys):
     [
         (["--width", "0"], "width must be a positive integer, got 0"),
         (["--num-classes", "0"], "num_classes must be a positive integer, got 0"),
+        (["--in-chans", "0"], "--in-chans must be a positive integer, got 0"),
+        (["--in-chans", "-3"], "--in-chans must be a positive integer, got -3"),
     ],
 )
 def test_summary_bad_options(capsys, argv, message):
@@ -110,6 +112,27 @@ def test_summary_reports_too_small_input(capsys, monkeypatch):
     code, lines, err = run(capsys, "summary", "resnet18", "--input", "1x1x32x64")
     assert code == 2 and lines == []
     assert err == "resnetlab: error: input 32x64 is too small for resnet18 (stem imagenet); the smallest it accepts is 40x40\n"
+
+
+def test_sizes_too_large_for_memory_are_one_line_naming_them(capsys, monkeypatch):
+    import torch
+
+    import resnetlab.models.summary as summary
+
+    code, lines, err = run(capsys, "summary", "resnet18", "--width", "1000000000")
+    assert code == 2 and lines == [] and err.count("\n") == 1
+    assert err.startswith("resnetlab: error: out of memory (Storage size calculation overflowed with sizes=[1000000000, ")
+    assert err.endswith("; make the model, images or batch smaller (given: --input 1x1x224x224, --width 1000000000)\n")
+    # The CPU allocator refusing a real allocation (256 TiB, more than any address space), as `train --width 100000` does.
+    monkeypatch.setattr(summary, "count_parameters", lambda model: torch.empty(2**48, dtype=torch.uint8).numel())
+    code, _, err = run(capsys, "summary", "resnet10", "--width", "8")
+    assert code == 2 and err == (
+        "resnetlab: error: out of memory (a 262,144.0 GiB tensor); make the model, images or batch smaller "
+        "(given: --input 1x1x224x224, --width 8)\n"
+    )
+    monkeypatch.setattr(summary, "count_parameters", lambda model: torch.ones(2) @ torch.ones(3))  # any other error is a bug
+    with pytest.raises(RuntimeError, match="inconsistent tensor size"):
+        main(["summary", "resnet10"])
 
 
 def test_summary_tiny_input_runs(capsys):

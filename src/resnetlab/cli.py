@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -25,6 +26,27 @@ HANDLERS: dict[str, str] = {
     "export": "resnetlab.export:run_export",
     "bench": "resnetlab.bench:run_bench",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """Options may sit between positionals (`predict RUN --topk 1 a.png`), which plain parsing rejects.
+
+    Sub-commands parse with parse_known_intermixed_args; it refuses parsers holding sub-commands
+    themselves (nargs=PARSER), which parse as usual and hand the rest to theirs.
+    """
+
+    _intermixing = False  # parse_known_intermixed_args calls parse_known_args itself (Python < 3.13)
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _add_summary(sub: argparse._SubParsersAction) -> None:
@@ -171,7 +193,7 @@ def _add_bench_common(b: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnetlab", description="Residual networks: build, train, evaluate, export.")
+    parser = _Parser(prog="resnetlab", description="Residual networks: build, train, evaluate, export.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_summary(sub)
@@ -189,11 +211,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ResnetlabError as err:
         print(f"resnetlab: error: {err}", file=sys.stderr)
         return err.exit_code
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and not _TOO_LARGE.search(str(err)):
+            raise
+        print(f"resnetlab: error: {_too_large(err, args)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("resnetlab: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+
+
+# How torch says a tensor cannot be allocated (CPU, CUDA, MPS) or its size cannot even be computed.
+_TOO_LARGE = re.compile(r"can't allocate memory|out of memory|Storage size calculation overflowed")
+# Options that size tensors: a bound on each would be arbitrary, so the allocation failure names them instead.
+_SIZE_OPTIONS = ("input", "width", "resize", "batch_size", "eval_batch_size", "batch_sizes", "lever_batch_size",
+                 "peak_size", "bf16_peak_size")  # fmt: skip
+
+
+def _too_large(err: BaseException, args: argparse.Namespace) -> str:
+    """One line for an allocation that failed: what was asked for and the sizes given to make smaller."""
+    text = str(err).strip()
+    asked = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's message is long and low-level
+    what = f"a {int(asked.group(1)) / 2**30:,.1f} GiB tensor" if asked else (text.splitlines() or [type(err).__name__])[0]
+    given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in _SIZE_OPTIONS and v is not None)
+    return f"out of memory ({what}); make the model, images or batch smaller" + (f" (given: {given})" if given else "")
 
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:

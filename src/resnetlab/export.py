@@ -187,6 +187,21 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if not np.isfinite(d).all() else float(d.max())
 
 
+def _temp_beside(dest: Path) -> Path:
+    """An empty temporary file in ``dest``'s directory (created if missing), or UsageError saying why not."""
+    blocker = next((d for d in reversed(dest.parents) if d.exists() and not d.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"cannot write --out {dest}: {blocker} is a file, not a directory; choose another path")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as err:  # no permission, a read-only or virtual file system (/proc), ...
+        raise UsageError(f"cannot write --out {dest}: cannot create files in {dest.parent} "
+                         f"({err.strerror or err}); choose another path") from None  # fmt: skip
+    os.close(fd)
+    return Path(name)
+
+
 def export_onnx(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -205,7 +220,8 @@ def export_onnx(
         tolerance: largest accepted max abs difference of the logits.
 
     Raises:
-        UsageError: the ONNX extra is missing, or a bad opset.
+        UsageError: the ONNX extra is missing, a bad opset, or an ``out`` that is the checkpoint
+            itself or cannot be written.
         CheckpointError: an unreadable checkpoint, or onnxruntime's logits differ from
             PyTorch's by more than ``tolerance`` (nothing is written then).
     """
@@ -217,6 +233,9 @@ def export_onnx(
     dest = Path(out) if out else ckpt.parent / DEFAULT_NAME
     if dest.is_dir():
         raise UsageError(f"--out {dest} is a directory; give a file name such as {dest / DEFAULT_NAME}")
+    if dest.exists() and os.path.samefile(dest, ckpt):  # any spelling or link of it: the export would replace it
+        raise UsageError(f"--out {dest} is the checkpoint being exported and would be lost; "
+                         f"give another file such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
     classifier = load_checkpoint(ckpt)
     notes = []
     if classifier.precision != "fp32":
@@ -224,10 +243,7 @@ def export_onnx(
     classifier.precision = "fp32"
     images, source = verification_images(classifier, data_root)
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temp_beside(dest)
     try:
         _export_to(classifier, opset, tmp)
         ref = _reference_logits(classifier, images)

@@ -23,6 +23,8 @@ def read_image(path: str | Path, channels: int, height: int, width: int) -> np.n
     """
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).exists() and not Path(path).is_file():  # opening a FIFO waits for a writer, maybe forever
+        raise ValueError("not a regular file (a FIFO, device or directory); give an image file")
     try:
         with Image.open(path) as im:
             im.load()
@@ -32,6 +34,8 @@ def read_image(path: str | Path, channels: int, height: int, width: int) -> np.n
             a = np.asarray(im, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise ValueError("no such file") from None
+    except Image.DecompressionBombError as err:  # not an OSError: Pillow refuses it before decoding
+        raise ValueError(f"too large to decode safely ({err}); downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     return a[None] if channels == 1 else a.transpose(2, 0, 1)

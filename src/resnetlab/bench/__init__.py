@@ -20,17 +20,24 @@ _COMMANDS = {
 }
 
 
+# The integer flags of the bench commands and their least values (a peak matmul of side 0 divides
+# by zero, a negative side cannot be built; --resize 0 keeps the native size).
+_LEAST = {"steps": 1, "batch_size": 1, "block": 1, "warmup": 0, "workers": 0, "lever_batch_size": 1, "lever_steps": 1,
+          "reps": 1, "small_reps": 1, "seeds": 1, "resize": 0, "peak_size": 1, "bf16_peak_size": 1, "threads": 1}  # fmt: skip
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    """Entry point of ``resnetlab bench``: dispatch on ``args.bench``."""
-    threads = getattr(args, "threads", None)
-    if threads is not None:
+    """Entry point of ``resnetlab bench``: check the flags, dispatch on ``args.bench``."""
+    from resnetlab.errors import UsageError
+
+    for name, least in _LEAST.items():
+        value = getattr(args, name, None)  # None: not a flag of this command, or --block left to the device
+        if value is not None and value < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, not {value}")
+    if getattr(args, "threads", None) is not None:
         import torch
 
-        from resnetlab.errors import UsageError
-
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1, not {threads}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(args.threads)
     module, _, func = _COMMANDS[args.bench].partition(":")
     return int(getattr(importlib.import_module(module), func)(args) or 0)
 

@@ -39,9 +39,7 @@ def _lever_names(text: str | None) -> list[str]:
 def run_train_bench(args: argparse.Namespace) -> int:
     from resnetlab.train.loop import resolve_device, resolve_precision
 
-    steps, warmup, batch = args.steps, args.warmup, args.batch_size
-    if steps < 1 or warmup < 0 or batch < 1 or args.workers < 0 or (args.block is not None and args.block < 1):
-        raise UsageError("--steps, --batch-size and --block must be >= 1, --warmup and --workers >= 0")
+    steps, warmup, batch = args.steps, args.warmup, args.batch_size  # checked by run_bench
     levers = _lever_names(args.levers)
     device = resolve_device(args.device)
     block = args.block or (1 if device.type == "cpu" else 20)

@@ -107,11 +107,12 @@ def median_or_none(values: list[float | None]) -> float | None:
 def run_tta_bench(args: argparse.Namespace) -> int:
     from resnetlab.bench.machine import cpu_info
 
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, not {args.seeds}")
     if not 0 < args.target <= 1:
         raise UsageError(f"--target is an accuracy in (0, 1], not {args.target}")
-    extra = shlex.split(args.train_args or "")
+    try:
+        extra = shlex.split(args.train_args or "")
+    except ValueError as err:  # "No closing quotation", "No escaped character"
+        raise UsageError(f"--train-args: {err}") from None
     for flag in ("--recipe", "--seed", "--out", "--force", "--resume", "--nproc"):
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise UsageError(f"--train-args may not set {flag}: the benchmark sets it")

@@ -9,7 +9,8 @@
 * Test split: PATH/train plus PATH/test (or PATH/val) when those exist, with the classes taken
   from train; otherwise a seeded, stratified hold-out of ``HOLDOUT_FRACTION`` (10%) of each
   class (at least one image of every class with two or more; ``seed`` 0 by default).
-* An image Pillow cannot read, or a class folder without images, is a :class:`DataError`.
+* An image Pillow cannot read, a class folder without images, or fewer than two classes is a
+  :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def read_folder(
         train_dir = split_dirs["train"]
         test_dir = split_dirs.get("test") or split_dirs["val"]
         classes, train_files = _scan(train_dir)
+        _check_classes(train_dir, classes)
         test_classes, test_files = _scan(test_dir)
         unknown = [c for c in test_classes if c not in classes]
         if unknown:
@@ -60,6 +62,7 @@ def read_folder(
         test_files = [(f, remap[label]) for f, label in test_files]
     else:
         classes, files = _scan(path)
+        _check_classes(path, classes)
         train_files, test_files = _holdout(files, len(classes), holdout, seed)
     infos = {f: _probe(f) for f, _ in train_files + test_files}
     if size is None:
@@ -105,6 +108,17 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return [d.name for d in class_dirs], files
 
 
+def _check_classes(root: Path, classes: list[str]) -> None:
+    """A classifier needs two classes; one alone would train to a meaningless 100% accuracy."""
+    if len(classes) >= 2:
+        return
+    if classes[0] in ("train", "test", "val"):  # half of a train/test layout, read as PATH/<class>
+        missing = "test/ or val/" if classes[0] == "train" else "train/"
+        raise DataError(f"{root} has {classes[0]}/ but no {missing} beside it: add it (PATH/train/<class>/..., "
+                        f"PATH/test/<class>/...), or put the class folders directly in {root} for a hold-out")  # fmt: skip
+    raise DataError(f"{root}: only one class ({classes[0]}); a classifier needs two or more class sub-folders")
+
+
 def _holdout(
     files: list[tuple[Path, int]], num_classes: int, fraction: float, seed: int
 ) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
@@ -127,6 +141,8 @@ def _probe(path: Path) -> tuple[tuple[int, int], str]:
     try:
         with Image.open(path) as im:
             return im.size, im.mode
+    except Image.DecompressionBombError as err:  # not an OSError; every image is probed before _load opens it
+        raise DataError(f"{path}: too large to decode safely ({err}); downscale it or remove it from the folder") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: unreadable image ({_first_line(err)})") from None
 
@@ -135,7 +151,12 @@ def _load(files: list[tuple[Path, int]], size: tuple[int, int], channels: int) -
     from PIL import Image, UnidentifiedImageError
 
     h, w = size
-    images = np.empty((len(files), h, w, channels), dtype=np.uint8)
+    try:
+        images = np.empty((len(files), h, w, channels), dtype=np.uint8)
+    except MemoryError:  # numpy refuses at once; a size that fits is the user's to choose
+        need = len(files) * h * w * channels
+        raise DataError(f"{len(files)} images at {h}x{w}x{channels} need {need / 2**30:,.0f} GiB of memory, more than can be "
+                        f"allocated; choose a smaller size with folder:PATH?size=N (e.g. size=64)") from None  # fmt: skip
     labels = np.empty(len(files), dtype=np.int64)
     mode = "L" if channels == 1 else "RGB"
     for i, (path, label) in enumerate(files):

@@ -30,7 +30,6 @@ import math
 import os
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,14 +85,12 @@ def _read_torch(p: Path) -> Any:
             f"{p} carries non-weight objects ({what}); it is refused because unpickling it could run code. "
             "Re-save only the state dict (torch.save(model.state_dict(), ...)) or use .safetensors"
         ) from None
-    except RuntimeError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
+    except Exception as err:  # damaged bytes surface as EOFError, struct.error, IndexError, KeyError, RuntimeError, ...
+        if isinstance(err, RuntimeError) and ("weights only" in str(err).lower() or "weights_only" in str(err)):
             raise CheckpointError(
                 f"{p} carries non-weight objects and is refused (unpickling it could run code); "
                 "re-save only the state dict or use .safetensors"
             ) from None
-        raise CheckpointError(f"{p} is not a readable torch.save file ({_first_line(err)}); it may be truncated") from None
-    except (EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CheckpointError(f"{p} is not a readable torch.save file ({_first_line(err)}); it may be truncated") from None
 
 

@@ -268,7 +268,8 @@ def parse_input_shape(text: str) -> tuple[int, int, int, int]:
         UsageError: anything else, showing the expected form.
     """
     parts = re.split(r"[xX]", text.strip())
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    # isdecimal, not isdigit: it accepts exactly the digits int() parses (isdigit also takes "²")
+    if len(parts) != 4 or not all(p.isdecimal() and int(p) > 0 for p in parts):
         raise UsageError(f"--input {text!r} is not a shape of four positive integers; expected {_SHAPE_FORM}")
     n, c, h, w = (int(p) for p in parts)
     return n, c, h, w
@@ -282,6 +283,8 @@ def run_summary(args: argparse.Namespace) -> int:
     """``resnetlab summary``: the chapter's per-layer shape lines, then parameters and multiply-adds."""
     input_shape = parse_input_shape(args.input)
     n, c, h, w = input_shape
+    if args.in_chans is not None and args.in_chans < 1:  # else the mismatch hint below would suggest an invalid --input
+        raise UsageError(f"--in-chans must be a positive integer, got {args.in_chans}")
     if args.in_chans is not None and args.in_chans != c:
         raise UsageError(
             f"--in-chans {args.in_chans} does not match the {c} channel(s) of --input {args.input}; "

@@ -29,6 +29,8 @@ from resnetlab.fileio import fsync_dir
 CHECKPOINT_NAME = "last.safetensors"
 FORMAT_VERSION = 1
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save's zip container
+# metadata every checkpoint written by training holds; using or resuming one reads them all
+_META_KEYS = ("model", "classes", "input_shape", "preprocessing", "recipe", "position", "sums", "history", "optimizer")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -63,6 +65,8 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
         p = p / CHECKPOINT_NAME
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}; give a run directory or its {CHECKPOINT_NAME}")
+    if not p.is_file():  # opening a FIFO waits for a writer, maybe forever
+        raise CheckpointError(f"{p} is not a regular file (a FIFO or device); give a run directory or its {CHECKPOINT_NAME}")
     return p
 
 
@@ -93,6 +97,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"{p} has corrupt resnetlab metadata ({err})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p} has checkpoint format {meta.get('format_version')}; this resnetlab reads {FORMAT_VERSION}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    spec = meta.get("model")
+    if missing or not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("options"), dict)):
+        what = f"no {', '.join(missing)}" if missing else f"model is {spec!r}, not a name and options"
+        raise CheckpointError(f"{p} has incomplete resnetlab metadata ({what}); it is damaged or not from `resnetlab train`")
     return tensors, meta
 
 
@@ -146,6 +155,22 @@ class Classifier(nn.Module):
         return logits.float()
 
 
+def load_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``weights`` into ``net`` strictly, or raise a one-line CheckpointError: ``what`` and the first difference.
+
+    Compared here, not left to load_state_dict, whose size mismatch is a RuntimeError of many lines.
+    """
+    target = net.state_dict()
+    missing = [k for k in target if k not in weights]
+    unexpected = [k for k in weights if k not in target]
+    shapes = [k for k in target if k in weights and weights[k].shape != target[k].shape]
+    if missing or unexpected or shapes:
+        first = (f"{shapes[0]} is {tuple(weights[shapes[0]].shape)} in the file, {tuple(target[shapes[0]].shape)} in the model"
+                 if shapes else f"missing {missing[:3]}, unexpected {unexpected[:3]}")  # fmt: skip
+        raise CheckpointError(f"{what} ({first}); the checkpoint is damaged")
+    net.load_state_dict(weights)
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
     """Load a resnetlab checkpoint as a :class:`Classifier` in eval mode.
 
@@ -162,9 +187,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     tensors, meta = read_checkpoint(path)
     spec = meta["model"]
     net = create_model(spec["name"], **spec["options"])
-    missing, unexpected = net.load_state_dict(prefixed(tensors, "model."), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint weights do not fit {spec['name']}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_weights(net, prefixed(tensors, "model."), f"{path}: the weights do not fit the {spec['name']} {spec['options']} "
+                 "its metadata describes")  # fmt: skip
     classifier = Classifier(
         net,
         Preprocess.from_config(meta["preprocessing"]),
