@@ -57,6 +57,9 @@ def test_shuffle_is_a_pure_function_of_seed_and_epoch():
     assert order(a, 0) != order(a, 1)
     assert order(a, 0) != order(BatchLoader(s, 32, shuffle=True, seed=4), 0)
     assert order(a, 0) != list(range(200))
+    # any int seed: seed * 1_000_003 + epoch is taken into torch's seed range (it overflowed past ~1.8e13)
+    huge = BatchLoader(s, 32, shuffle=True, seed=2**60)
+    assert sorted(order(huge, 1)) == sorted(range(200)) and order(huge, 1) != order(huge, 2)
     # __iter__ follows set_epoch and does not advance on its own
     first = [int(v) for x, _ in a for v in x[:, 0, 0, 0]]
     assert first == order(a, 0) == [int(v) for x, _ in a for v in x[:, 0, 0, 0]]

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab.data import BatchLoader, Preprocess, Split, load_dataset, random_crop, random_erasing, random_flip, to_float
-from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
+from resnetlab.errors import ResnetlabError, UsageError
 from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
-from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, prefixed, read_checkpoint, save_checkpoint
+from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, load_weights, prefixed, read_checkpoint, save_checkpoint
 from resnetlab.train.recipes import Recipe, get_recipe
 from resnetlab.train.rundir import RunFiles, environment, plot_confusion, plot_curves, write_json, write_metrics
 
@@ -598,10 +598,7 @@ def _optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], net: nn.Module, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler, preprocess: Preprocess, device: torch.device) -> None:  # fmt: skip
-    try:
-        net.load_state_dict(prefixed(tensors, "model."))
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint weights do not fit the model: {str(err).splitlines()[0]}") from None
+    load_weights(net, prefixed(tensors, "model."), "checkpoint weights do not fit the model")
     preprocess.mean.copy_(torch.tensor(meta["preprocessing"]["mean"]).view_as(preprocess.mean))
     preprocess.std.copy_(torch.tensor(meta["preprocessing"]["std"]).view_as(preprocess.std))
     state: dict[int, dict[str, Any]] = {}
