@@ -464,7 +464,7 @@ def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
     assert (out / "last.safetensors").read_bytes() != before["last.safetensors"]
 
 
-@pytest.mark.parametrize("flags", [["--out", "OTHER"], ["--force"], ["--out", "OTHER", "--force"]])
+@pytest.mark.parametrize("flags", [["--out", "OTHER"], ["--force"], ["--out", "OTHER", "--force"], ["--init-from", "OTHER"]])
 def test_resume_refuses_out_and_force(flags: list[str], tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     before = _copy_run(tiny_run.run_dir, run)

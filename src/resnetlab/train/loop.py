@@ -314,9 +314,10 @@ def train(
     """
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, not {checkpoint_every}")
-    if resume is not None and (out is not None or force):  # the user's flags, before a torchelastic restart resumes --out
-        given = " and ".join(flag for flag, on in (("--out", out is not None), ("--force", force)) if on)
-        raise UsageError(f"--resume continues the run in {resume}; drop {given}")
+    # the user's flags, checked before a torchelastic restart resumes --out (and keeps the weights it has)
+    given = [flag for flag, on in (("--out", out is not None), ("--force", force), ("--init-from", init_from is not None)) if on]
+    if resume is not None and given:
+        raise UsageError(f"--resume continues the run in {resume}; drop {' and '.join(given)}")
     resumed: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     restarted = dist.restarted_run(out) if resume is None else None  # torchelastic restarted this worker group
     if restarted == "resume":  # continue from the last checkpoint, as --resume would
