@@ -389,6 +389,17 @@ def test_a_final_batch_of_one_image_is_dropped(subset: int, trained: int, tmp_pa
     assert round(row["images_per_s"] * row["seconds"]) == trained
 
 
+def test_batch_size_one_on_a_1x1_map_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every batch of one image at 8 px reaches BatchNorm as one value per channel: it failed at step 0.
+    out = tmp_path / "run"
+    assert main(["train", "--subset", "64", "--epochs", "1", "--model", "resnet10", "--width", "8", "--resize", "8",
+                 "--batch-size", "1", "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "batch size 1 gives resnet10's BatchNorm a single value per channel at 8x8" in err
+    assert not out.exists()
+    train("fast", out=tmp_path / "ok", **{**TINY, "subset": 64, "epochs": 1, "resize": 16, "batch_size": 1})  # 2x2 maps: fine
+
+
 def _image_folder(root: Path, per_class: int) -> Path:
     """A tiny folder dataset: classes a and b, ``per_class`` 8x8 grey PNGs each."""
     rng = np.random.default_rng(0)

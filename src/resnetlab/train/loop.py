@@ -144,23 +144,28 @@ def seeded_subset(split: Split, n: int, seed: int) -> Split:
 
 
 @torch.no_grad()
-def check_train_size(net: nn.Module, size: int, in_chans: int, name: str) -> None:
-    """Refuse sizes at which a downsampling layer would see a 1-pixel map.
+def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int) -> None:
+    """Refuse sizes at which a downsampling layer would see a 1-pixel map, and batches BatchNorm can't train on.
 
     Every ResNet here runs at any size (padding keeps maps >= 1x1), but below this limit the
-    later stages compute on padding alone: a waste that is almost always a mistake. Probed on a
-    shape-only (meta) copy of the network, so it costs nothing.
+    later stages compute on padding alone: a waste that is almost always a mistake. A training
+    BatchNorm needs more than one value per channel: one image on a 1x1 map fails at the first
+    step. Probed on a shape-only (meta) copy of the network, so it costs nothing.
     """
     import copy
 
     probe = copy.deepcopy(net).to("meta").eval()
     seen: list[int] = []
+    norm_areas: list[int] = []
     for m in probe.modules():
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and (m.stride if isinstance(m.stride, int) else m.stride[0]) > 1:
             m.register_forward_pre_hook(lambda module, inputs: seen.append(min(inputs[0].shape[-2:])))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(lambda module, inputs: norm_areas.append(inputs[0][0, 0].numel()))
 
     def smallest_map(side: int) -> int:
         seen.clear()
+        norm_areas.clear()
         probe(torch.zeros(1, in_chans, side, side, device="meta"))
         return min(seen, default=side)
 
@@ -170,6 +175,9 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str) -> Non
             f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; "
             f"use --resize {smallest} or more, or --stem small"
         )
+    if batch_size * min(norm_areas, default=2) < 2:
+        raise UsageError(f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
+                         "(a 1x1 map); use --batch-size 2 or more")
 
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
@@ -373,7 +381,7 @@ def train(
     torch.manual_seed(recipe.seed)
     net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
     check_input_size(net, size or min(h, w))
-    check_train_size(net, size or min(h, w), c, recipe.model)
+    check_train_size(net, size or min(h, w), c, recipe.model, batch_size)
     if recipe.init == "xavier":
         xavier_init(net)
     if init_from and not resumed:
