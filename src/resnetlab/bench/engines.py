@@ -43,6 +43,8 @@ class ResnetlabTrainer:
                  lr: float = 0.05, seed: int = 0, device: str | torch.device = "cpu", channels_last: bool = True,
                  compile: bool = False, precision: str = "auto", data: str = "memory", num_workers: int = 4) -> None:  # fmt: skip
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # as the loop does; a process-wide switch, so the reference side gets it too
+            torch.backends.cudnn.benchmark = True
         self.recipe = get_recipe(base_recipe, model=model, batch_size=batch_size, resize=resize or 0, lr=lr, seed=seed,
                                  channels_last=channels_last, compile=compile, precision=precision,
                                  device=str(self.device))  # fmt: skip

@@ -347,6 +347,8 @@ def train(
 
     ctx = dist.setup(resolve_device(recipe.device))
     device = ctx.device
+    if device.type == "cuda":  # fixed shapes: cuDNN times its kernels once and keeps the fastest (as timm's train.py)
+        torch.backends.cudnn.benchmark = True
     if resumed:
         dist.check_world_size(resumed[1].get("world_size"), ctx, run_dir)
     if run_dir is None:
