@@ -344,6 +344,19 @@ def test_nproc_below_one_is_refused(nproc: str, tmp_path: Path, capsys: pytest.C
     assert not out.exists()
 
 
+def test_a_torchrun_worker_never_launches_torchrun_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # argparse takes `--npr 2` for --nproc 2, which the launcher did not strip from the workers'
+    # command line: every worker would have started its own torchrun, without end.
+    from resnetlab.train import commands, loop
+
+    launched, trained = [], []
+    monkeypatch.setattr(commands, "_launch_torchrun", lambda n: launched.append(n) or 0)
+    monkeypatch.setattr(loop, "train", lambda *a, **k: trained.append(k["out"]))
+    assert main(["train", "--npr", "2", "--out", "w"]) == 0 and launched == [2] and trained == []
+    monkeypatch.setenv("RANK", "0")  # set by torchrun in every worker
+    assert main(["train", "--npr", "2", "--out", "w"]) == 0 and launched == [2] and trained == ["w"]
+
+
 @pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--momentum", "--label-smoothing", "--warmup"])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_non_finite_float_flags_are_refused(flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

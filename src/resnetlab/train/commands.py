@@ -17,7 +17,10 @@ RECIPE_FLAGS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "na
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.nproc is not None:  # not `if args.nproc`: --nproc 0 must be refused, not run as one process
+    # not `if args.nproc`: --nproc 0 must be refused, not run as one process. A worker torchrun
+    # started (RANK is set) trains: however --nproc was spelled (argparse takes --npr), it must never
+    # launch torchrun again.
+    if args.nproc is not None and "RANK" not in os.environ:
         return _launch_torchrun(args.nproc)
     from resnetlab.train.loop import train
 
