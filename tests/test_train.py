@@ -479,6 +479,17 @@ def test_force_keeps_the_old_run_until_the_new_one_passes_its_checks(flags: list
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # once deleted at the start, before the checks
 
 
+def test_an_out_through_a_missing_folder_and_dotdot_is_the_run_it_names(tiny_run, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # missing/../run is run: it exists, so without --force it is refused and kept (it was deleted)
+    before = _copy_run(tiny_run.run_dir, tmp_path / "run")
+    out = tmp_path / "missing" / ".." / "run"
+    assert main(["train", *TINY_FLAGS, "--epochs", "1", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert not (tmp_path / "missing").exists()
+
+
 def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
     out = tmp_path / "runF"
     before = _copy_run(tiny_run.run_dir, out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -283,7 +284,9 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 def prepare_run_dir(recipe: Recipe, out: str | Path | None, force: bool) -> Path:
     """Choose the run directory and check it may be used; nothing is written or removed yet."""
-    run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    # normpath: `missing/../RUN` names RUN, but Path("missing/../RUN").is_dir() is False, which let an
+    # existing run through this check and have its files removed as an old run's.
+    run_dir = Path(os.path.normpath(out)) if out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
