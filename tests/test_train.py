@@ -393,11 +393,11 @@ def test_every_valid_seed_gives_valid_generators() -> None:
         assert loop_module.augment_generator(seed, epoch, step, rank).initial_seed() == old
 
 
-@pytest.mark.parametrize("subset, trained", [(65, 64), (66, 66)])
-def test_a_final_batch_of_one_image_is_dropped(subset: int, trained: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("subset, resize, trained", [(65, 8, 64), (66, 8, 66), (65, 16, 65)])
+def test_a_final_batch_of_one_image_is_dropped(subset: int, resize: int, trained: int, tmp_path: Path) -> None:
     # At 8 px the last feature map is 1x1, where BatchNorm cannot normalise a batch of one image;
-    # any other final batch (here 2 images) is trained on as before.
-    result = train("fast", out=tmp_path / "run", **{**TINY, "subset": subset, "epochs": 1, "resize": 8})
+    # any other final batch (here 2 images), and one image on 2x2 maps (16 px), is trained on as before.
+    result = train("fast", out=tmp_path / "run", **{**TINY, "subset": subset, "epochs": 1, "resize": resize})
     row = result.history[0]
     assert round(row["images_per_s"] * row["seconds"]) == trained
 

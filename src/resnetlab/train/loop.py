@@ -145,8 +145,10 @@ def seeded_subset(split: Split, n: int, seed: int) -> Split:
 
 
 @torch.no_grad()
-def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int) -> None:
+def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int) -> int:
     """Refuse sizes at which a downsampling layer would see a 1-pixel map, and batches BatchNorm can't train on.
+
+    Returns the area of the smallest map a BatchNorm normalises at ``size`` (0: no BatchNorm).
 
     Every ResNet here runs at any size (padding keeps maps >= 1x1), but below this limit the
     later stages compute on padding alone: a waste that is almost always a mistake. A training
@@ -179,6 +181,7 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
     if batch_size * min(norm_areas, default=2) < 2:
         raise UsageError(f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
                          "(a 1x1 map); use --batch-size 2 or more")
+    return min(norm_areas, default=0)
 
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
@@ -372,21 +375,23 @@ def train(
         mean, std = [0.0] * c, [1.0] * c
     preprocess = Preprocess(size, mean, std).to(device)
     batch_size = recipe.batch_size
-    # Under torchrun every rank needs the same count of full batches (DDP). In one process only a
-    # final batch of one image is dropped: BatchNorm cannot normalise it where the last feature map
-    # is 1x1. Every other final batch is kept: published figures depend on the batches as they are.
-    drop_last = ctx.world_size > 1 or len(train_split) % batch_size == 1
+
+    # Model, optimizer, schedule; the batches once the model's smallest map is known.
+    torch.manual_seed(recipe.seed)
+    net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
+    check_input_size(net, size or min(h, w))
+    smallest_norm_map = check_train_size(net, size or min(h, w), c, recipe.model, batch_size)
+
+    # Under torchrun every rank needs the same count of full batches (DDP). In one process a final
+    # batch of one image is dropped only where a BatchNorm sees a 1x1 map (it cannot normalise one
+    # value per channel); every other final batch is kept: published figures depend on the batches.
+    drop_last = ctx.world_size > 1 or (len(train_split) % batch_size == 1 and smallest_norm_map == 1)
     train_loader = BatchLoader(train_split, batch_size, shuffle=True, seed=recipe.seed, drop_last=drop_last,
                                device=device, rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
     test_loader = BatchLoader(test_split, recipe.eval_batch_size, device=device, rank=ctx.rank, world_size=ctx.world_size)
     if len(train_loader) == 0:
         raise UsageError(f"batch size {batch_size} x {ctx.world_size} processes is larger than the {len(train_split)} training images")
 
-    # Model, optimizer, schedule.
-    torch.manual_seed(recipe.seed)
-    net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
-    check_input_size(net, size or min(h, w))
-    check_train_size(net, size or min(h, w), c, recipe.model, batch_size)
     if recipe.init == "xavier":
         xavier_init(net)
     if init_from and not resumed:
