@@ -15,10 +15,10 @@ from typing import Any
 from resnetlab.errors import UsageError
 
 AUGMENTS = ("flip", "crop", "erase")
-# The largest --seed. Derived seeds (the shuffle's seed * 1_000_003 + epoch in data/loader.py, the
-# augmentation's in train/loop.py) must stay within torch's 64-bit seeds; 2**32 - 1 keeps the
-# shuffle's well inside, and is the usual seed range (numpy's) for anyone who wants a bound.
-MAX_SEED = 2**32 - 1
+# --seed takes torch's own seed range (torch.manual_seed wraps negative seeds modulo 2**64, and
+# negative seeds always trained); the derived seeds (the shuffle's in data/loader.py, the
+# augmentation's in train/loop.py) are taken modulo 2**64, so every seed in it is valid.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Recipe:
             (self.weight_decay >= 0, f"weight decay must be >= 0, not {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), not {self.label_smoothing}"),
             (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), not {self.warmup}"),
-            (0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], not {self.seed}"),
+            (MIN_SEED <= self.seed <= MAX_SEED, f"seed must be in torch's range [-2**63, 2**64 - 1], not {self.seed}"),
             (self.subset >= 0, f"subset must be >= 0 (0 = the whole split), not {self.subset}"),
             (self.width is None or self.width >= 1, f"width must be >= 1, not {self.width}"),
             (self.crop_padding >= 0, f"crop padding must be >= 0, not {self.crop_padding}"),
