@@ -291,3 +291,12 @@ def test_verification_falls_back_to_random_images_and_says_so():
     assert images.shape == (5, 3, 8, 8) and images.dtype == np.float32
     assert 0 <= images.min() and images.max() <= 1
     assert source.startswith("5 random images") and "not loaded" in source
+
+
+def test_double_dash_still_ends_the_options(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # after "--" a positional may start with a dash; intermixed parsing lost it ("checkpoint is required")
+    (tmp_path / "-run").symlink_to(run_dir)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--json", "--", "-run"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] > 0

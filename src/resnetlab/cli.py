@@ -40,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        if self._intermixing or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
+        given = sys.argv[1:] if args is None else list(args)
+        # "--" (positionals that start with a dash follow) is handled only by plain parsing
+        if self._intermixing or "--" in given or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:
