@@ -246,3 +246,16 @@ def test_checkpoint_whose_metadata_does_not_fit_its_weights_is_one_line(tmp_path
         assert main(["eval", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"resnetlab: error: {path}") and err.count("\n") == 1
+
+
+def test_reading_weights_does_not_hide_running_out_of_memory(tmp_path, monkeypatch):
+    # damaged bytes are a one-line CheckpointError; running out of memory is not "a damaged file"
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(2)}, path)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(MemoryError):
+        read_weights(path)

@@ -30,6 +30,8 @@ import math
 import os
 import pickle
 import re
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,8 @@ def _read_torch(p: Path) -> Any:
             f"{p} carries non-weight objects ({what}); it is refused because unpickling it could run code. "
             "Re-save only the state dict (torch.save(model.state_dict(), ...)) or use .safetensors"
         ) from None
-    except Exception as err:  # damaged bytes surface as EOFError, struct.error, IndexError, KeyError, RuntimeError, ...
+    except (EOFError, OSError, ValueError, RuntimeError, struct.error, IndexError, KeyError, AssertionError, TypeError,
+            zipfile.BadZipFile) as err:  # how damaged bytes surface; anything else (MemoryError, a bug) is not hidden
         if isinstance(err, RuntimeError) and ("weights only" in str(err).lower() or "weights_only" in str(err)):
             raise CheckpointError(
                 f"{p} carries non-weight objects and is refused (unpickling it could run code); "
