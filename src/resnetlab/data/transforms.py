@@ -85,9 +85,14 @@ def normalize(x: torch.Tensor, mean: float | Sequence[float], std: float | Seque
     return out[0] if single else out
 
 
-# The random transforms draw their parameters on the CPU (the same numbers on every device) and
-# copy them to the images' device with non_blocking=True: from pageable memory CUDA stages the few
-# bytes at once and returns, where a blocking copy would wait for the GPU to finish the queued steps.
+def _to(params: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Random parameters, drawn on the CPU (the same numbers on every device), onto the images' device.
+
+    On CUDA without waiting: from pageable memory CUDA stages the few bytes at once and returns,
+    where a blocking copy waits for the GPU to finish the queued steps. Not on MPS, where a
+    non-blocking copy of a short-lived CPU tensor can arrive corrupted (pytorch/pytorch#139550).
+    """
+    return params.to(device, non_blocking=device.type == "cuda")
 
 
 def _check_gen(generator: torch.Generator) -> None:
@@ -108,8 +113,8 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
         return x
     dev = xb.device
     padded = F.pad(xb, (padding, padding, padding, padding))
-    rows = (oy.to(dev, non_blocking=True)[:, None] + torch.arange(h, device=dev))  # n x h
-    cols = (ox.to(dev, non_blocking=True)[:, None] + torch.arange(w, device=dev))  # n x w
+    rows = (_to(oy, dev)[:, None] + torch.arange(h, device=dev))  # n x h
+    cols = (_to(ox, dev)[:, None] + torch.arange(w, device=dev))  # n x w
     # gather rows then columns: index the padded batch per image
     idx_r = rows[:, None, :, None].expand(n, xb.shape[1], h, padded.shape[-1])
     out = padded.gather(2, idx_r)
@@ -123,7 +128,7 @@ def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> 
     _check_gen(generator)
     xb, single = _batch(x, "random_flip")
     flip = torch.rand(xb.shape[0], generator=generator) < p
-    out = torch.where(flip.to(xb.device, non_blocking=True)[:, None, None, None], xb.flip(-1), xb)
+    out = torch.where(_to(flip, xb.device)[:, None, None, None], xb.flip(-1), xb)
     return out[0] if single else out
 
 
@@ -164,7 +169,7 @@ def random_erasing(
     left = (u[:, 1] * (w - ew + 1).clamp(min=1)).long().clamp(max=w - 1)
     active = apply & any_fit
     dev = xb.device
-    top, left, eh, ew, active = (t.to(dev, non_blocking=True) for t in (top, left, eh, ew, active))
+    top, left, eh, ew, active = (_to(t, dev) for t in (top, left, eh, ew, active))
     ry = torch.arange(h, device=dev)[None, :]
     rx = torch.arange(w, device=dev)[None, :]
     in_rows = (ry >= top[:, None]) & (ry < (top + eh)[:, None])  # n x h
