@@ -290,9 +290,14 @@ def prepare_run_dir(recipe: Recipe, out: str | Path | None, force: bool) -> Path
     # normpath: `missing/../RUN` names RUN, but Path("missing/../RUN").is_dir() is False, which let an
     # existing run through this check and have its files removed as an old run's.
     run_dir = Path(os.path.normpath(out)) if out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if run_dir.exists() and not run_dir.is_dir():
+    try:
+        exists, is_dir = run_dir.exists(), run_dir.is_dir()
+        has_files = is_dir and any(run_dir.iterdir())
+    except OSError as err:  # e.g. a name too long for the file system: pathlib raises instead of answering False
+        raise UsageError(f"cannot create run directory {run_dir}: {err.strerror or err}; choose another --out") from None
+    if exists and not is_dir:
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if has_files:
         if not force:
             raise UsageError(
                 f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
