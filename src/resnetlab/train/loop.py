@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +28,7 @@ from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
 from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, load_weights, prefixed, read_checkpoint, save_checkpoint
 from resnetlab.train.recipes import Recipe, get_recipe
-from resnetlab.train.rundir import RunFiles, environment, plot_confusion, plot_curves, write_json, write_metrics
+from resnetlab.train.rundir import RunFiles, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
 
 
 class TrainingInterrupted(ResnetlabError):
@@ -285,27 +283,6 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 # The run
 
 
-def prepare_run_dir(recipe: Recipe, out: str | Path | None, force: bool) -> Path:
-    """Choose the run directory and check it may be used; nothing is written or removed yet."""
-    # normpath: `missing/../RUN` names RUN, but Path("missing/../RUN").is_dir() is False, which let an
-    # existing run through this check and have its files removed as an old run's.
-    run_dir = Path(os.path.normpath(out)) if out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    try:
-        exists, is_dir = run_dir.exists(), run_dir.is_dir()
-        has_files = is_dir and any(run_dir.iterdir())
-    except OSError as err:  # e.g. a name too long for the file system: pathlib raises instead of answering False
-        raise UsageError(f"cannot create run directory {run_dir}: {err.strerror or err}; choose another --out") from None
-    if exists and not is_dir:
-        raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
-    if has_files:
-        if not force:
-            raise UsageError(
-                f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
-                "--force to overwrite it, or another --out"
-            )
-    return run_dir
-
-
 def train(
     recipe: str | Recipe = "fast",
     *,
@@ -363,7 +340,7 @@ def train(
     if resumed:
         dist.check_world_size(resumed[1].get("world_size"), ctx, run_dir)
     if run_dir is None:
-        run_dir = prepare_run_dir(recipe, out, force) if ctx.is_main else Path(out or ".")
+        run_dir = prepare_run_dir(out, recipe.name, force) if ctx.is_main else Path(out or ".")
         run_dir = Path(dist.broadcast_object(str(run_dir)))
     precision = resolve_precision(recipe.precision, device)
 

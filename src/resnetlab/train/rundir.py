@@ -10,8 +10,10 @@ import contextlib
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,30 @@ from resnetlab.train.checkpoint import CHECKPOINT_NAME, atomic_write_bytes
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
 RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json")
+
+
+def _unusable(run_dir: Path, doing: str, err: OSError) -> UsageError:
+    return UsageError(f"cannot {doing} run directory {run_dir}: {err.strerror or err}; choose another --out")
+
+
+def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Path:
+    """Choose the run directory (``--out``, else runs/RECIPE-TIMESTAMP) and check it may be used; nothing is written or removed yet."""
+    # normpath: `missing/../RUN` names RUN, but Path("missing/../RUN").is_dir() is False, which let an
+    # existing run through this check and have its files removed as an old run's.
+    run_dir = Path(os.path.normpath(out)) if out else Path("runs") / f"{recipe_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        exists, is_dir = run_dir.exists(), run_dir.is_dir()
+        has_files = is_dir and any(run_dir.iterdir())
+    except OSError as err:  # e.g. a name too long for the file system: pathlib raises instead of answering False
+        raise _unusable(run_dir, "create", err) from None
+    if exists and not is_dir:
+        raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
+    if has_files and not force:
+        raise UsageError(
+            f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
+            "--force to overwrite it, or another --out"
+        )
+    return run_dir
 
 
 class RunFiles:
@@ -49,13 +75,13 @@ class RunFiles:
             missing = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UsageError(f"cannot create run directory {self.run_dir}: {err.strerror or err}; choose another --out") from None
+            raise _unusable(self.run_dir, "create", err) from None
         if self.new:
             try:
                 for name in RUN_FILES:
                     (self.run_dir / name).unlink(missing_ok=True)
             except OSError as err:
-                raise UsageError(f"cannot overwrite run directory {self.run_dir}: {err.strerror or err}; choose another --out") from None
+                raise _unusable(self.run_dir, "overwrite", err) from None
         self._made = missing  # only now: a failed create() leaves any old run's files to the user
 
     def __enter__(self) -> "RunFiles":
