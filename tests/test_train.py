@@ -323,25 +323,28 @@ def test_step_clock_sums_only_the_bracketed_time_and_resets() -> None:
     assert clock.take() == 0.0
 
 
+def _train_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> str:
+    """`resnetlab train FLAGS --out RUN`: exit 2, one line on stderr, no run directory; the line."""
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and not out.exists()
+    return err
+
+
 @pytest.mark.parametrize("device", ["meta", "xpu", "lazy", "cuda:x"])
 def test_devices_resnetlab_cannot_use_are_refused(device: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # torch knows meta, xpu and lazy, but training and eval need cpu, cuda or mps
-    out = tmp_path / "run"
-    assert main(["train", "--device", device, "--subset", "64", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps" in err
-    assert not out.exists()
+    err = _train_refused(tmp_path, capsys, "--device", device, "--subset", "64")
+    assert f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps" in err
     assert main(["eval", str(tmp_path / "no-such-run"), "--device", device]) == 2  # refused before the checkpoint is read
     assert f"unknown device {device!r}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])
 def test_nproc_below_one_is_refused(nproc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "run"
-    assert main(["train", "--nproc", nproc, "--subset", "64", "--epochs", "1", "--out", str(out)]) == 2  # 0 once ran one process
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"--nproc must be >= 1, not {nproc}" in err
-    assert not out.exists()
+    err = _train_refused(tmp_path, capsys, "--nproc", nproc, "--subset", "64", "--epochs", "1")  # 0 once ran one process
+    assert f"--nproc must be >= 1, not {nproc}" in err
 
 
 def test_a_torchrun_worker_never_launches_torchrun_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,20 +364,14 @@ def test_a_torchrun_worker_never_launches_torchrun_again(monkeypatch: pytest.Mon
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_non_finite_float_flags_are_refused(flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # --lr inf and --weight-decay inf passed the range checks and training died at step 1
-    out = tmp_path / "run"
-    assert main(["train", f"{flag}={value}", "--subset", "64", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"{flag[2:].replace('-', ' ')} must be a finite number, not {float(value)}" in err
-    assert not out.exists()
+    err = _train_refused(tmp_path, capsys, f"{flag}={value}", "--subset", "64")
+    assert f"{flag[2:].replace('-', ' ')} must be a finite number, not {float(value)}" in err
 
 
 @pytest.mark.parametrize("seed", [str(-(2**63) - 1), str(2**64), "99999999999999999999999"])
 def test_seed_out_of_range_is_refused(seed: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "run"
-    assert main(["train", "--seed", seed, "--subset", "64", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"seed must be in torch's range [-2**63, 2**64 - 1], not {seed}" in err
-    assert not out.exists()
+    err = _train_refused(tmp_path, capsys, "--seed", seed, "--subset", "64")
+    assert f"seed must be in torch's range [-2**63, 2**64 - 1], not {seed}" in err
 
 
 def test_every_valid_seed_gives_valid_generators() -> None:
