@@ -276,11 +276,13 @@ def test_bench_time_to_accuracy_json(capsys: pytest.CaptureFixture[str], tiny_fo
     r = last_json(capsys, ["bench", "time-to-accuracy", "--recipe", "fast", "--target", "0.01", "--seeds", "1",
                            "--train-args", f"--dataset {tiny_folder} --epochs 2 --width 8 --batch-size 16 --no-tta --augment none",
                            "--json"])  # fmt: skip
-    assert r["seeds"] == [0] and r["reached"] == [True] and r["epochs"] == [1]
+    # fast tests after its last epoch only (eval_every=0): epoch 1 is not measured, so the crossing is epoch 2
+    assert r["seeds"] == [0] and r["reached"] == [True] and r["epochs"] == [2]
     assert 0 < r["seconds"][0] <= r["total_seconds"][0] and r["median_seconds"] == r["seconds"][0]
-    # training time to the crossing: the run's own first-epoch seconds, less than the wall-clock to it
     history = r["runs"][0]["history"]
-    assert 0 < r["train_seconds"][0] == history[0]["train_seconds"] < r["seconds"][0]
+    assert history[0]["test_acc"] is None and history[1]["test_acc"] == r["accuracies"][0]
+    # training time to the crossing: the run's own seconds over both epochs, less than the wall-clock to it
+    assert 0 < r["train_seconds"][0] == history[1]["train_seconds"] < r["seconds"][0]
     assert r["median_train_seconds"] == r["train_seconds"][0] and history[1]["train_seconds"] > history[0]["train_seconds"]
     assert r["accuracies"][0] >= 0.01 and len(r["runs"][0]["history"]) == 2
     assert {"seconds", "median_seconds", "epochs", "accuracies", "total_seconds"} <= set(r)
@@ -289,6 +291,8 @@ def test_bench_time_to_accuracy_json(capsys: pytest.CaptureFixture[str], tiny_fo
 def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str]) -> None:
     m = EPOCH_LINE.match("epoch 3/5: loss 0.412, train acc 0.861, test acc 0.925, 812.3 examples/sec, 70.2 s")
     assert m and m.groups() == ("3", "5", "0.925")
+    m = EPOCH_LINE.match("epoch 1/3: loss 0.905, train acc 0.827, test acc not measured (--eval-every), 1590.6 examples/sec, 37.7 s")
+    assert m and m.groups() == ("1", "3", None)
     assert median_or_none([3.0, None, 1.0]) == 3.0 and median_or_none([None, None, 1.0]) is None
     assert main(["bench", "time-to-accuracy", "--train-args", "--seed 3"]) == 2
     assert "may not set --seed" in capsys.readouterr().err

@@ -54,6 +54,20 @@ def test_run_directory_contents(tiny_run) -> None:
     assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_every_tests_only_the_chosen_epochs_and_trains_the_same(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    every = train("fast", out=tmp_path / "every", **{**TINY, "epochs": 3, "eval_every": 1})
+    capsys.readouterr()
+    second = train("fast", out=tmp_path / "second", **{**TINY, "epochs": 3, "eval_every": 2})
+    printed = capsys.readouterr().out
+    assert [r["test_acc"] is not None for r in second.history] == [False, True, True]  # the 2nd, and the last always
+    assert "epoch 1/3: " in printed and "test acc not measured (--eval-every)" in printed
+    # the test passes change nothing in training: the same losses and final accuracy as testing every epoch
+    assert [r["train_loss"] for r in second.history] == [r["train_loss"] for r in every.history]
+    assert second.test_acc == every.test_acc and second.history[1]["test_acc"] == every.history[1]["test_acc"]
+    assert (tmp_path / "second" / "metrics.csv").read_text().splitlines()[1].split(",")[3] == ""  # no test acc for epoch 1
+    assert (tmp_path / "second" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_checkpoint_metadata_and_no_pickle(tiny_run) -> None:
     tensors, meta = read_checkpoint(tiny_run.checkpoint)
     assert meta["model"]["name"] == "resnet10" and meta["model"]["options"]["width"] == 8
@@ -232,6 +246,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         (["--dataset", "imagenet"], "imagenet"),
         (["--resize", "8", "--model", "resnet18", "--stem", "imagenet"], "too small"),
         (["--augment", "rotate"], "unknown augmentation"),
+        (["--eval-every", "-1"], "eval every must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

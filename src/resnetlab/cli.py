@@ -107,6 +107,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None,
                    help="zero the last BatchNorm of every residual branch")
     p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="test-set accuracy after every N-th epoch and after the last (0: after the last only)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
     p.add_argument("--data-root", help="look for datasets here first")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")

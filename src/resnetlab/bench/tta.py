@@ -30,7 +30,7 @@ from typing import Any
 
 from resnetlab.errors import ResnetlabError, UsageError
 
-EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): .*?test acc ([0-9.]+)")
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): .*?test acc (?:([0-9.]+)|not measured)")  # not measured: --eval-every
 
 
 class TrainFailed(ResnetlabError):
@@ -38,12 +38,13 @@ class TrainFailed(ResnetlabError):
 
 
 def _epoch_record(run_dir: Path, epoch: int) -> tuple[float | None, float | None]:
-    """(exact test accuracy, training seconds summed over epochs 1..epoch) from ``metrics.jsonl``."""
+    """(exact test accuracy or None where not measured, training seconds summed over epochs 1..epoch) from ``metrics.jsonl``."""
     try:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         row = next(r for r in rows if r.get("epoch") == epoch)
-        return float(row["test_acc"]), sum(float(r["seconds"]) for r in rows if r["epoch"] <= epoch)
-    except (OSError, ValueError, KeyError, StopIteration):
+        acc = None if row["test_acc"] is None else float(row["test_acc"])
+        return acc, sum(float(r["seconds"]) for r in rows if r["epoch"] <= epoch)
+    except (OSError, ValueError, TypeError, KeyError, StopIteration):
         return None, None
 
 
@@ -69,13 +70,13 @@ def time_one_seed(recipe: str, seed: int, target: float, extra: list[str], devic
                     continue
                 epoch = int(m.group(1))
                 acc, train_seconds = _epoch_record(run_dir, epoch)
-                acc = acc if acc is not None else float(m.group(3))
+                acc = acc if acc is not None or m.group(3) is None else float(m.group(3))
                 row = {"epoch": epoch, "of": int(m.group(2)), "test_acc": acc, "seconds": round(t, 2),
                        "train_seconds": None if train_seconds is None else round(train_seconds, 2)}  # fmt: skip
                 epochs.append(row)
                 if say:
                     say(f"  seed {seed}: {t:7.1f} s  {line.strip()}")
-                if crossed is None and acc >= target:
+                if crossed is None and acc is not None and acc >= target:
                     crossed = row
             rc = proc.wait()
             total = time.perf_counter() - t0

@@ -160,7 +160,9 @@ def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot(epochs, [r["train_loss"] for r in history], "-", label="train loss")
     ax.plot(epochs, [r["train_acc"] for r in history], "m--", label="train acc")
-    ax.plot(epochs, [r["test_acc"] for r in history], "g-.", label="test acc")
+    tested = [r for r in history if r["test_acc"] is not None]  # --eval-every skips some epochs
+    ax.plot([r["epoch"] for r in tested], [r["test_acc"] for r in tested], "g-.", marker="o" if len(tested) < 2 else None,
+            label="test acc")  # fmt: skip
     ax.set_xlabel("epoch")
     ax.set_xlim(0.5 if len(epochs) < 2 else 1, max(epochs[-1], 1))
     ax.grid(True, alpha=0.3)
