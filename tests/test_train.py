@@ -502,6 +502,17 @@ def test_an_out_through_a_missing_folder_and_dotdot_is_the_run_it_names(tiny_run
     assert not (tmp_path / "missing").exists()
 
 
+def test_a_run_directory_without_a_checkpoint_is_not_offered_for_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # what a run killed before its first checkpoint leaves (SIGKILL cannot be caught to clean up)
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert main(["train", *TINY_FLAGS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds no checkpoint to resume; use --force" in err and "--resume" not in err
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
 def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
     out = tmp_path / "runF"
     before = _copy_run(tiny_run.run_dir, out)

@@ -43,6 +43,9 @@ def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Pa
     if exists and not is_dir:
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
     if has_files and not force:
+        if not (run_dir / CHECKPOINT_NAME).is_file():  # e.g. a run killed (SIGKILL, power) before its first checkpoint
+            raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint to resume; "
+                             "use --force to overwrite it, or another --out")  # fmt: skip
         raise UsageError(
             f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
             "--force to overwrite it, or another --out"
