@@ -68,6 +68,25 @@ def test_eval_every_tests_only_the_chosen_epochs_and_trains_the_same(tmp_path: P
     assert (tmp_path / "second" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(("epochs", "sizes", "expected"), [(3, "16,20", [16, 20, 24]), (3, "12,16,20,22", [12, 16, 24]),
+                                                       (1, "16", [24]), (2, "none", [24, 24])])  # fmt: skip
+def test_progressive_sizes_train_the_early_epochs_smaller_and_the_last_at_the_test_size(
+    epochs: int, sizes: str, expected: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real = loop_module.train_inputs
+
+    def recording(*args):  # type: ignore[no-untyped-def]
+        x = real(*args)
+        seen.append(x.shape[-1])
+        return x
+
+    monkeypatch.setattr(loop_module, "train_inputs", recording)
+    result = train("fast", out=tmp_path / "run", **{**TINY, "subset": 128, "epochs": epochs, "progressive_sizes": sizes})
+    assert seen == [size for size in expected for _ in range(2)]  # 2 steps of 64 per epoch
+    assert len(result.history) == epochs and result.test_acc is not None  # tested at 24 px
+
+
 def test_checkpoint_metadata_and_no_pickle(tiny_run) -> None:
     tensors, meta = read_checkpoint(tiny_run.checkpoint)
     assert meta["model"]["name"] == "resnet10" and meta["model"]["options"]["width"] == 8
@@ -247,6 +266,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         (["--resize", "8", "--model", "resnet18", "--stem", "imagenet"], "too small"),
         (["--augment", "rotate"], "unknown augmentation"),
         (["--eval-every", "-1"], "eval every must be >= 0"),
+        (["--progressive-sizes", "16,x"], "progressive sizes must be none or a comma list"),
+        (["--progressive-sizes", "2", "--model", "resnet18", "--stem", "imagenet"], "use --progressive-sizes 17 or more"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

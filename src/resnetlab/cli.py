@@ -84,6 +84,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="per-process batch; the global batch is this times the world size")
     p.add_argument("--lr", type=float)
     p.add_argument("--resize", type=int, help="train and test at this square size (0 keeps the native size)")
+    p.add_argument("--progressive-sizes", metavar="SIZES",
+                   help="progressive resizing: train the first epochs at these sizes, e.g. 16 (none: off); the last trains at --resize")
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--momentum", type=float)
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (SGD)")

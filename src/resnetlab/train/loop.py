@@ -143,7 +143,7 @@ def seeded_subset(split: Split, n: int, seed: int) -> Split:
 
 
 @torch.no_grad()
-def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int) -> int:
+def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int, flag: str = "--resize") -> int:
     """Refuse sizes at which a downsampling layer would see a 1-pixel map, and batches BatchNorm can't train on.
 
     Returns the area of the smallest map a BatchNorm normalises at ``size`` (0: no BatchNorm).
@@ -174,7 +174,7 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
         smallest = next(s for s in range(size + 1, 4097) if smallest_map(s) >= 2)
         raise UsageError(
             f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; "
-            f"use --resize {smallest} or more, or --stem small"
+            f"use {flag} {smallest} or more, or --stem small"
         )
     if batch_size * min(norm_areas, default=2) < 2:
         raise UsageError(f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
@@ -212,11 +212,13 @@ def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Gene
     return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank) % 2**64)
 
 
-def train_inputs(images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, gen: torch.Generator) -> torch.Tensor:
-    """uint8 batch -> float, resized, augmented, normalised model input (all batched on the device)."""
+def train_inputs(images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, gen: torch.Generator,
+                 size: int | None = None) -> torch.Tensor:  # fmt: skip
+    """uint8 batch -> float, resized (to ``size``, default the test size), augmented, normalised model input (all batched on the device)."""
     x = to_float(images)
-    if preprocess.size is not None:
-        x = F.interpolate(x, size=(preprocess.size, preprocess.size), mode="bilinear", antialias=True)
+    size = size or preprocess.size
+    if size is not None:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     augs = recipe.augmentations()
     if "crop" in augs:
         x = random_crop(x, recipe.crop_padding, gen)
@@ -363,6 +365,9 @@ def train(
     net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
     check_input_size(net, size or min(h, w))
     smallest_norm_map = check_train_size(net, size or min(h, w), c, recipe.model, batch_size)
+    for early in {recipe.train_size(e) for e in range(recipe.epochs)} - {recipe.resize}:  # progressive resizing
+        check_input_size(net, early)
+        smallest_norm_map = min(smallest_norm_map, check_train_size(net, early, c, recipe.model, batch_size, "--progressive-sizes"))
 
     # Under torchrun every rank needs the same count of full batches (DDP). In one process a final
     # batch of one image is dropped only where a BatchNorm sees a 1x1 map (it cannot normalise one
@@ -451,6 +456,7 @@ def train(
                                                  **environment(device)})  # fmt: skip
         while epoch < recipe.epochs:
             model.train()
+            train_size = recipe.train_size(epoch)  # the test size, or smaller in early epochs (progressive resizing)
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{recipe.epochs}", show_bar)
             if bar is not None:
                 bar.update(start_step)
@@ -462,7 +468,7 @@ def train(
                 global_step = epoch * steps_per_epoch + step
                 for group in optimizer.param_groups:
                     group["lr"] = lr * lr_factor(recipe, global_step, total_steps)
-                x = train_inputs(images, recipe, preprocess, augment_generator(recipe.seed, epoch, step, ctx.rank))
+                x = train_inputs(images, recipe, preprocess, augment_generator(recipe.seed, epoch, step, ctx.rank), train_size)
                 step_clock.start()
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     logits = model(x)
