@@ -43,7 +43,7 @@ N_TRAIN, N_TEST = 512, 1001
 # batches, the same applied lr, the same BatchNorm statistics (--sync-bn). The rest is the fast
 # recipe (one-cycle SGD with Nesterov momentum, label smoothing, weight decay), without augmentation.
 COMMON = dict(epochs=2, model="resnet10", width=8, stem="small", augment="none", precision="fp32", tta=False,
-              device="cpu", seed=3)  # fmt: skip
+              device="cpu", seed=3, eval_every=1)  # fmt: skip
 TWO = dict(COMMON, batch_size=32, lr=0.05, scale_lr=True, sync_bn=True)
 ONE = dict(COMMON, batch_size=64, lr=0.1)
 

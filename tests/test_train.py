@@ -22,8 +22,9 @@ from resnetlab.train import RECIPES, NonFiniteLoss, load_checkpoint, train
 from resnetlab.train import loop as loop_module
 from resnetlab.train.checkpoint import read_checkpoint
 
-TINY = dict(model="resnet10", width=8, subset=512, batch_size=64, epochs=2, progress=False)
-TINY_FLAGS = ["--model", "resnet10", "--width", "8", "--subset", "512", "--batch-size", "64", "--epochs", "2"]
+# eval_every=1: fast tests after its last epoch only, and these tests compare every epoch's test accuracy
+TINY = dict(model="resnet10", width=8, subset=512, batch_size=64, epochs=2, eval_every=1, progress=False)
+TINY_FLAGS = ["--model", "resnet10", "--width", "8", "--subset", "512", "--batch-size", "64", "--epochs", "2", "--eval-every", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -267,7 +268,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         (["--augment", "rotate"], "unknown augmentation"),
         (["--eval-every", "-1"], "eval every must be >= 0"),
         (["--progressive-sizes", "16,x"], "progressive sizes must be none or a comma list"),
-        (["--progressive-sizes", "2", "--model", "resnet18", "--stem", "imagenet"], "use --progressive-sizes 17 or more"),
+        (["--progressive-sizes", "20,2", "--model", "resnet18", "--stem", "imagenet"], "use --progressive-sizes sizes of 17 or more"),
+        (["--progressive-sizes", str(2**31)], "progressive sizes must be none or a comma list of sizes in [1, 2**31 - 1]"),
+        (["--resize", str(10**20)], "resize must be in [0, 2**31 - 1]"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -448,14 +451,24 @@ def test_batch_size_one_on_a_1x1_map_is_refused_before_training(tmp_path: Path, 
     train("fast", out=tmp_path / "ok", **{**TINY, "subset": 64, "epochs": 1, "resize": 16, "batch_size": 1})  # 2x2 maps: fine
 
 
-def _image_folder(root: Path, per_class: int) -> Path:
-    """A tiny folder dataset: classes a and b, ``per_class`` 8x8 grey PNGs each."""
+def _image_folder(root: Path, per_class: int, shape: tuple[int, int] = (8, 8)) -> Path:
+    """A tiny folder dataset: classes a and b, ``per_class`` grey PNGs of ``shape`` (8x8) each."""
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / name / f"{i}.png")
     return root
+
+
+def test_progressive_sizes_on_non_square_images_need_a_square_resize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _image_folder(tmp_path / "imgs", 8, shape=(12, 20))
+    flags = ["train", "--dataset", f"folder:{root}?holdout=0.25", "--batch-size", "4", "--epochs", "2", "--width", "8",
+             "--resize", "0", "--progressive-sizes", "8"]  # fmt: skip
+    assert main([*flags, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "progressive sizes are square and these images are 12x20; set --resize too" in err
+    assert main([*flags, "--resize", "12", "--out", str(tmp_path / "square")]) == 0
 
 
 @pytest.mark.parametrize("per_class, options", [(4, "?holdout=0"), (1, "")])

@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # How torch says a tensor cannot be allocated (CPU, CUDA, MPS) or its size cannot even be computed.
 _TOO_LARGE = re.compile(r"can't allocate memory|out of memory|Storage size calculation overflowed")
 # Options that size tensors: a bound on each would be arbitrary, so the allocation failure names them instead.
-_SIZE_OPTIONS = ("input", "width", "resize", "batch_size", "eval_batch_size", "batch_sizes", "lever_batch_size",
+_SIZE_OPTIONS = ("input", "width", "resize", "progressive_sizes", "batch_size", "eval_batch_size", "batch_sizes", "lever_batch_size",
                  "peak_size", "bf16_peak_size")  # fmt: skip
 
 

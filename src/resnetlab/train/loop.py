@@ -143,7 +143,7 @@ def seeded_subset(split: Split, n: int, seed: int) -> Split:
 
 
 @torch.no_grad()
-def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int, flag: str = "--resize") -> int:
+def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int, fix: str = "--resize {}") -> int:
     """Refuse sizes at which a downsampling layer would see a 1-pixel map, and batches BatchNorm can't train on.
 
     Returns the area of the smallest map a BatchNorm normalises at ``size`` (0: no BatchNorm).
@@ -174,7 +174,7 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
         smallest = next(s for s in range(size + 1, 4097) if smallest_map(s) >= 2)
         raise UsageError(
             f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; "
-            f"use {flag} {smallest} or more, or --stem small"
+            f"use {fix.format(smallest)} or more, or --stem small"
         )
     if batch_size * min(norm_areas, default=2) < 2:
         raise UsageError(f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
@@ -365,9 +365,11 @@ def train(
     net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
     check_input_size(net, size or min(h, w))
     smallest_norm_map = check_train_size(net, size or min(h, w), c, recipe.model, batch_size)
-    for early in {recipe.train_size(e) for e in range(recipe.epochs)} - {recipe.resize}:  # progressive resizing
+    if recipe.early_sizes() and not size and h != w:
+        raise UsageError(f"progressive sizes are square and these images are {h}x{w}; set --resize too (the square side they are tested at)")
+    for early in sorted(set(recipe.early_sizes())):  # progressive resizing
         check_input_size(net, early)
-        smallest_norm_map = min(smallest_norm_map, check_train_size(net, early, c, recipe.model, batch_size, "--progressive-sizes"))
+        smallest_norm_map = min(smallest_norm_map, check_train_size(net, early, c, recipe.model, batch_size, "--progressive-sizes sizes of {}"))
 
     # Under torchrun every rank needs the same count of full batches (DDP). In one process a final
     # batch of one image is dropped only where a BatchNorm sees a 1x1 map (it cannot normalise one

@@ -19,6 +19,9 @@ AUGMENTS = ("flip", "crop", "erase")
 # negative seeds always trained); the derived seeds (the shuffle's in data/loader.py, the
 # augmentation's in train/loop.py) are taken modulo 2**64, so every seed in it is valid.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+# Image sides beyond int32 overflow inside torch (a traceback); below it, too large a size is the
+# CLI's one-line out-of-memory error.
+MAX_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -110,15 +113,19 @@ class Recipe:
             sizes = tuple(int(s) for s in self.progressive_sizes.split(","))
         except ValueError:
             sizes = ()
-        if not sizes or min(sizes) < 1:
-            raise UsageError(f"progressive sizes must be none or a comma list of sizes >= 1 in pixels, e.g. 16 or 16,20; "
-                             f"not {self.progressive_sizes!r}")  # fmt: skip
+        if not sizes or min(sizes) < 1 or max(sizes) > MAX_SIZE:
+            raise UsageError(f"progressive sizes must be none or a comma list of sizes in [1, 2**31 - 1] pixels, e.g. 16 "
+                             f"or 16,20; not {self.progressive_sizes!r}")  # fmt: skip
         return sizes
+
+    def early_sizes(self) -> tuple[int, ...]:
+        """The progressive sizes this run uses: one per epoch, never the last."""
+        return self.progressive()[: self.epochs - 1]
 
     def train_size(self, epoch: int) -> int:
         """The square side epoch ``epoch`` (0-based) trains at; 0 is the native size."""
-        sizes = self.progressive()
-        return sizes[epoch] if epoch < min(len(sizes), self.epochs - 1) else self.resize
+        sizes = self.early_sizes()
+        return sizes[epoch] if epoch < len(sizes) else self.resize
 
     def model_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"zero_init_residual": self.zero_init_residual}
@@ -140,7 +147,7 @@ class Recipe:
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, not {self.eval_batch_size}"),
             (self.eval_every >= 0, f"eval every must be >= 0 epochs (0: after the last only), not {self.eval_every}"),
             (self.lr > 0, f"lr must be > 0, not {self.lr}"),
-            (self.resize >= 0, f"resize must be >= 0 (0 keeps the native size), not {self.resize}"),
+            (0 <= self.resize <= MAX_SIZE, f"resize must be in [0, 2**31 - 1] (0 keeps the native size), not {self.resize}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, not {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), not {self.label_smoothing}"),
