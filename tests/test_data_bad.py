@@ -227,6 +227,13 @@ def _parse_only_data_errors(data: bytes, ndim=None) -> None:
     assert arr.dtype == np.uint8 and (ndim is None or arr.ndim == ndim)
 
 
+def test_idx_header_with_a_zero_dim_and_huge_others_is_a_data_error() -> None:
+    # found by the fuzz test below: 0 x 5 x 5 x 134217728 x 2751463424 holds 0 bytes, and numpy refuses the shape
+    data = bytes([0, 0, 8, 5]) + b"".join(struct.pack(">I", d) for d in (0, 5, 5, 0x08000000, 0xA4000000))
+    with pytest.raises(DataError, match=r"^x: header 0x5x5x134217728x2751463424 is not an array shape numpy can hold$"):
+        parse_idx(data, "x")
+
+
 @FUZZ
 @given(st.binary(max_size=300), st.sampled_from([None, 1, 3]))
 def test_fuzz_idx_random_bytes(data, ndim):

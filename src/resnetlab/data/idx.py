@@ -135,7 +135,10 @@ def read_idx_stream(
             f"{source}: header counts disagree with the payload: header {'x'.join(map(str, dims))} "
             f"accounts for {count} bytes after the header, {more} follow"
         )
-    return np.frombuffer(buf, dtype=np.uint8).reshape(dims)
+    try:
+        return np.frombuffer(buf, dtype=np.uint8).reshape(dims)
+    except ValueError:  # a zero dimension makes the count 0 whatever the others are, and numpy refuses huge ones
+        raise DataError(f"{source}: header {'x'.join(map(str, dims))} is not an array shape numpy can hold") from None
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
