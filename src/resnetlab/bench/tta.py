@@ -2,10 +2,11 @@
 
 For each seed, ``python -m resnetlab train --recipe RECIPE --seed S --out TMP --force [extra]`` runs
 as a child process. Its stdout is a pipe, so it prints one line per epoch (``epoch E/N: ...,
-test acc A, ...``, or ``test acc not measured`` after an epoch the recipe does not test: a crossing
-can only be seen where the run tests, so add ``--eval-every 1`` to the train args of a recipe that
-tests less often, such as ``fast``, to find the first epoch at the target); each line is timestamped as it arrives, relative to just before the process
-was started, so the figure includes Python's start-up, imports, data loading and evaluation. The
+test acc A, ...``); each line is timestamped as it arrives, relative to just before the process
+was started, so the figure includes Python's start-up, imports, data loading and evaluation. A
+crossing is seen only after an epoch the run tests (``test acc not measured`` otherwise): add
+``--eval-every 1`` to the train args of a recipe that tests less often, such as ``fast``, to find
+the first epoch at the target. The
 exact accuracy of the epoch is read from the run directory's ``metrics.jsonl`` (written before the
 line is printed); the printed, rounded one is the fallback.
 

@@ -144,7 +144,8 @@ def seeded_subset(split: Split, n: int, seed: int) -> Split:
 
 @torch.no_grad()
 def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int, fix: str = "--resize {}") -> int:
-    """Refuse sizes at which a downsampling layer would see a 1-pixel map, and batches BatchNorm can't train on.
+    """Refuse sizes the model does not take, sizes at which a downsampling layer would see a 1-pixel
+    map, and batches BatchNorm can't train on.
 
     Returns the area of the smallest map a BatchNorm normalises at ``size`` (0: no BatchNorm).
 
@@ -155,6 +156,7 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
     """
     import copy
 
+    check_input_size(net, size)
     probe = copy.deepcopy(net).to("meta").eval()
     seen: list[int] = []
     norm_areas: list[int] = []
@@ -363,13 +365,11 @@ def train(
     # Model, optimizer, schedule; the batches once the model's smallest map is known.
     torch.manual_seed(recipe.seed)
     net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
-    check_input_size(net, size or min(h, w))
-    smallest_norm_map = check_train_size(net, size or min(h, w), c, recipe.model, batch_size)
-    if recipe.early_sizes() and not size and h != w:
+    early = sorted(set(recipe.early_sizes()))  # progressive resizing
+    if early and not size and h != w:
         raise UsageError(f"progressive sizes are square and these images are {h}x{w}; set --resize too (the square side they are tested at)")
-    for early in sorted(set(recipe.early_sizes())):  # progressive resizing
-        check_input_size(net, early)
-        smallest_norm_map = min(smallest_norm_map, check_train_size(net, early, c, recipe.model, batch_size, "--progressive-sizes sizes of {}"))
+    sizes = [(size or min(h, w), "--resize {}"), *((e, "--progressive-sizes sizes of {}") for e in early)]
+    smallest_norm_map = min(check_train_size(net, side, c, recipe.model, batch_size, fix) for side, fix in sizes)
 
     # Under torchrun every rank needs the same count of full batches (DDP). In one process a final
     # batch of one image is dropped only where a BatchNorm sees a 1x1 map (it cannot normalise one

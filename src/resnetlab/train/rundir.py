@@ -81,11 +81,14 @@ class RunFiles:
             raise _unusable(self.run_dir, "create", err) from None
         if self.new:
             try:
-                for name in RUN_FILES:
-                    (self.run_dir / name).unlink(missing_ok=True)
+                self._remove_run_files()
             except OSError as err:
                 raise _unusable(self.run_dir, "overwrite", err) from None
         self._made = missing  # only now: a failed create() leaves any old run's files to the user
+
+    def _remove_run_files(self) -> None:
+        for name in RUN_FILES:
+            (self.run_dir / name).unlink(missing_ok=True)
 
     def __enter__(self) -> "RunFiles":
         return self
@@ -96,8 +99,7 @@ class RunFiles:
         # Best effort: the run's own error is what the user must see. rmdir stops at a directory
         # that is not empty (something else was put there meanwhile), and keeps it.
         with contextlib.suppress(OSError):
-            for name in RUN_FILES:
-                (self.run_dir / name).unlink(missing_ok=True)
+            self._remove_run_files()
             for d in self._made:
                 d.rmdir()
 
