@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install data train train-d2l test bench clean
+.PHONY: install data train train-d2l test fuzz bench clean
 
 # Re-install when the project's metadata changes. The constraints file pins torch to the CPU wheel.
 $(STAMP): pyproject.toml constraints.txt
@@ -27,6 +27,10 @@ train-d2l: data
 
 test: data
 	$(PY) -m pytest -q $(ARGS)
+
+# The fuzz tests with fresh random examples, many more of them (make test draws the same ones each run).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q tests/test_data_bad.py -k fuzz $(ARGS)
 
 bench: data
 	$(PY) -m resnetlab bench train --model d2l_resnet18 --resize 96

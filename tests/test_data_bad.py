@@ -215,7 +215,8 @@ def test_folder_size_too_large_for_memory(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ fuzzing
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# max_examples and randomness come from the profile (tests/conftest.py: fixed examples; `make fuzz`: new ones)
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _parse_only_data_errors(data: bytes, ndim=None) -> None:
