@@ -264,13 +264,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         (["--recipe", "fastest"], "unknown recipe 'fastest'"),
         (["--model", "resnet19"], "did you mean"),
         (["--dataset", "imagenet"], "imagenet"),
-        (["--resize", "8", "--model", "resnet18", "--stem", "imagenet"], "too small"),
+        (["--resize", "8", "--model", "resnet18", "--stem", "imagenet"], "a downsampling layer would see a 1x1 map; use --resize 17 or more, or --stem small"),
         (["--augment", "rotate"], "unknown augmentation"),
         (["--eval-every", "-1"], "eval every must be >= 0"),
         (["--progressive-sizes", "16,x"], "progressive sizes must be none or a comma list"),
         (["--progressive-sizes", "20,2", "--model", "resnet18", "--stem", "imagenet"], "use --progressive-sizes sizes of 17 or more"),
         (["--progressive-sizes", str(2**31)], "progressive sizes must be none or a comma list of sizes in [1, 2**31 - 1]"),
         (["--resize", str(10**20)], "resize must be in [0, 2**31 - 1]"),
+        (["--momentum", "0"], "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -280,6 +281,26 @@ def test_bad_input_is_one_line_exit_2(flags: list[str], message: str, tmp_path: 
     err = captured.err.strip()
     assert code == 2 and "\n" not in err and message in err
     assert not out.exists() and captured.out == ""  # no empty run directory, no "training on cpu" before the error
+
+
+@pytest.mark.parametrize("schedule", ["constant", "onecycle", "cosine"])
+def test_every_schedule_warms_up_linearly_then_follows_its_shape(schedule: str) -> None:
+    recipe = dataclasses.replace(RECIPES["fast"], schedule=schedule, warmup=0.1)
+    factors = [loop_module.lr_factor(recipe, step, 100) for step in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # 10 warm-up steps up to the peak
+    after = factors[10:]
+    if schedule == "constant":
+        assert after == [1.0] * 90
+    else:  # from the peak down towards 0, never rising
+        assert after[0] == 1.0 and all(a >= b for a, b in zip(after, after[1:])) and after[-1] < 0.02
+    no_warmup = dataclasses.replace(recipe, warmup=0.0)
+    assert loop_module.lr_factor(no_warmup, 0, 100) == 1.0
+
+
+def test_too_small_for_the_small_stem_names_the_size_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the small stem already downsamples least: "--stem small" would be no fix
+    assert main(["train", "--subset", "64", "--model", "resnet10", "--stem", "small", "--resize", "4", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip().endswith("a downsampling layer would see a 1x1 map; use --resize 5 or more")
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:

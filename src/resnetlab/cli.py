@@ -91,7 +91,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (SGD)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=["constant", "onecycle", "cosine"])
-    p.add_argument("--warmup", type=float, help="fraction of all steps spent warming up (onecycle, cosine)")
+    p.add_argument("--warmup", type=float, help="fraction of all steps spent warming up linearly (any schedule)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", help="none, or a comma list of flip, crop, erase")
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels")

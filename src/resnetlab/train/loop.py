@@ -174,9 +174,10 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
 
     if smallest_map(size) < 2:
         smallest = next(s for s in range(size + 1, 4097) if smallest_map(s) >= 2)
+        small_stem = getattr(net, "options", {}).get("stem") == "small"  # downsamples 8x, not 32x: the other fix
         raise UsageError(
             f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; "
-            f"use {fix.format(smallest)} or more, or --stem small"
+            f"use {fix.format(smallest)} or more" + ("" if small_stem else ", or --stem small")
         )
     if batch_size * min(norm_areas, default=2) < 2:
         raise UsageError(f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
@@ -186,11 +187,11 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
     """Learning-rate multiplier at ``step`` (a pure function: nothing to save but the step)."""
+    warm = max(1, int(recipe.warmup * total_steps)) if recipe.warmup > 0 else 0
+    if step < warm:  # every schedule warms up linearly when asked (constant too: HF's constant_with_warmup)
+        return (step + 1) / warm
     if recipe.schedule == "constant":
         return 1.0
-    warm = max(1, int(recipe.warmup * total_steps)) if recipe.warmup > 0 else 0
-    if step < warm:
-        return (step + 1) / warm
     progress = (step - warm) / max(1, total_steps - warm)
     if recipe.schedule == "onecycle":
         return max(0.0, 1.0 - progress)
@@ -204,7 +205,7 @@ def make_optimizer(recipe: Recipe, net: nn.Module, lr: float) -> torch.optim.Opt
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, foreach=True)
-    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0, foreach=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, foreach=True)
 
 
 def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:

@@ -41,11 +41,11 @@ class Recipe:
             train at ``resize``, the size tested at, so that the weights and the BatchNorm
             statistics end at it.
         optimizer: ``sgd`` or ``adamw``.
-        momentum: SGD momentum (0 is the chapter's plain SGD).
-        nesterov: Nesterov momentum for SGD.
+        momentum: SGD momentum (0 is the chapter's plain SGD); adamw ignores it.
+        nesterov: Nesterov momentum for SGD (needs momentum > 0); adamw ignores it.
         weight_decay: decoupled for adamw, L2 for sgd.
-        schedule: ``constant``, ``onecycle`` (linear warm-up then linear decay to 0) or ``cosine``.
-        warmup: fraction of all steps spent warming up (onecycle and cosine).
+        schedule: ``constant``, ``onecycle`` (linear decay to 0) or ``cosine`` (to 0), each after the warm-up.
+        warmup: fraction of all steps spent warming up linearly from lr/steps to lr (any schedule).
         label_smoothing: cross-entropy label smoothing.
         augment: ``none`` or a comma list of ``flip``, ``crop``, ``erase``.
         crop_padding: padding of the random crop, in pixels of the trained size.
@@ -157,6 +157,8 @@ class Recipe:
             (self.width is None or self.width >= 1, f"width must be >= 1, not {self.width}"),
             (self.crop_padding >= 0, f"crop padding must be >= 0, not {self.crop_padding}"),
             (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}; use sgd or adamw"),
+            (not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
+             "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),
             (self.schedule in ("constant", "onecycle", "cosine"),
              f"unknown schedule {self.schedule!r}; use constant, onecycle or cosine"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
