@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -149,6 +150,17 @@ def test_out_that_is_the_checkpoint_is_refused_and_the_checkpoint_kept(run_dir, 
         assert err == (f"resnetlab: error: --out {out} is the checkpoint being exported and would be lost; "
                        f"give another file such as {run_dir / 'model.onnx'}\n")  # fmt: skip
     assert ckpt.read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_out_that_is_a_fifo_is_refused_not_replaced(run_dir, tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert main(["export", str(run_dir), "--out", str(fifo)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"resnetlab: error: --out {fifo} is not a regular file (a device, FIFO or socket) and would be replaced; "
+                   f"give a file name such as {run_dir / 'model.onnx'}\n")  # fmt: skip
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and [p.name for p in tmp_path.iterdir()] == ["pipe"]
 
 
 def test_unwritable_out_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):

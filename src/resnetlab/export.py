@@ -233,6 +233,9 @@ def export_onnx(
     dest = Path(out) if out else ckpt.parent / DEFAULT_NAME
     if dest.is_dir():
         raise UsageError(f"--out {dest} is a directory; give a file name such as {dest / DEFAULT_NAME}")
+    if dest.exists() and not dest.is_file():  # the atomic write would replace a FIFO or a device (as root: /dev/null)
+        raise UsageError(f"--out {dest} is not a regular file (a device, FIFO or socket) and would be replaced; "
+                         f"give a file name such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
     if dest.exists() and os.path.samefile(dest, ckpt):  # any spelling or link of it: the export would replace it
         raise UsageError(f"--out {dest} is the checkpoint being exported and would be lost; "
                          f"give another file such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
