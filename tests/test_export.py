@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -230,6 +231,22 @@ def test_predict_refuses_a_decompression_bomb_in_one_line(exported, run_dir, tmp
         err = capsys.readouterr().err
         assert err.startswith(f"resnetlab: error: {bomb}: too large to decode safely (Image size (784 pixels) ")
         assert err.endswith("; downscale it\n") and err.count("\n") == 1
+
+
+@pytest.mark.filterwarnings("always")  # both commands must show it (by default Python shows it once per process)
+def test_pillow_warning_is_one_line(exported, run_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: over the limit (a warning), under twice it (an error)
+    shown = warnings.showwarning
+    for model in (["--onnx", str(exported[0])], [str(run_dir)]):
+        assert main(["predict", *model, str(big)]) == 0
+        err = capsys.readouterr().err
+        assert err == ("resnetlab: warning: Image size (144 pixels) exceeds limit of 100 pixels, could be decompression "
+                       "bomb DOS attack. (DecompressionBombWarning)\n")  # fmt: skip
+    assert warnings.showwarning is shown  # only the command's own warnings are reworded
 
 
 def test_predict_takes_options_between_positionals(exported, run_dir, tmp_path, fashion_test_images, capsys):

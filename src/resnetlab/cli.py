@@ -10,7 +10,9 @@ import argparse
 import importlib
 import re
 import sys
-from typing import Callable, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 from resnetlab.errors import ResnetlabError
 
@@ -213,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(_handler(args.command)(args) or 0)
+        with _one_line_warnings():
+            return int(_handler(args.command)(args) or 0)
     except ResnetlabError as err:
         print(f"resnetlab: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -227,6 +230,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show warnings (Pillow's, torch's) as one ``resnetlab: warning:`` line each, like errors, instead
+    of Python's ``file:line: Category: message`` followed by the source line that raised it."""
+
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        print(f"resnetlab: warning: {' '.join(str(message).split())} ({category.__name__})", file=sys.stderr)
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
 
 
 # How torch says a tensor cannot be allocated (CPU, CUDA, MPS) or its size cannot even be computed.
