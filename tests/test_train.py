@@ -297,10 +297,23 @@ def test_every_schedule_warms_up_linearly_then_follows_its_shape(schedule: str) 
     assert loop_module.lr_factor(no_warmup, 0, 100) == 1.0
 
 
-def test_too_small_for_the_small_stem_names_the_size_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # the small stem already downsamples least: "--stem small" would be no fix
-    assert main(["train", "--subset", "64", "--model", "resnet10", "--stem", "small", "--resize", "4", "--out", str(tmp_path / "r")]) == 2
-    assert capsys.readouterr().err.strip().endswith("a downsampling layer would see a 1x1 map; use --resize 5 or more")
+def test_checkpoints_from_before_the_flag_rules_resume_as_they_trained() -> None:
+    from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, recipe_as_trained
+
+    old = dataclasses.asdict(dataclasses.replace(RECIPES["fast"], momentum=0.0, schedule="constant", warmup=0.3))
+    as_trained = recipe_as_trained(old, {})  # both were ignored then: plain SGD, no warm-up
+    assert (as_trained.nesterov, as_trained.warmup) == (False, 0.0)
+    assert recipe_as_trained(old, {WARMUP_EVERY_SCHEDULE: True}).warmup == 0.3  # a new run's warm-up is its own
+    onecycle = {**old, "schedule": "onecycle"}
+    assert recipe_as_trained(onecycle, {}).warmup == 0.3  # onecycle always warmed up
+
+
+@pytest.mark.parametrize("stem", ["small", "imagenet"])
+def test_too_small_even_for_the_small_stem_names_the_size_only(stem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 4 px is too small for the small stem too (it takes 5 or more): "--stem small" would be no fix
+    assert main(["train", "--subset", "64", "--model", "resnet10", "--stem", stem, "--resize", "4", "--out", str(tmp_path / "r")]) == 2
+    smallest = {"small": 5, "imagenet": 17}[stem]
+    assert capsys.readouterr().err.strip().endswith(f"a downsampling layer would see a 1x1 map; use --resize {smallest} or more")
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:

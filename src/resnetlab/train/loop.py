@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from resnetlab.errors import ResnetlabError, UsageError
 from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
 from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, load_weights, prefixed, read_checkpoint, save_checkpoint
-from resnetlab.train.recipes import Recipe, get_recipe
+from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe, get_recipe, recipe_as_trained
 from resnetlab.train.rundir import RunFiles, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
 
 
@@ -154,9 +154,29 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
     BatchNorm needs more than one value per channel: one image on a 1x1 map fails at the first
     step. Probed on a shape-only (meta) copy of the network, so it costs nothing.
     """
+    check_input_size(net, size)
+    measure = _map_probe(net, in_chans)
+    smallest, norm_area = measure(size)
+    if smallest < 2:
+        fix = "use " + fix.format(next(s for s in range(size + 1, 4097) if measure(s)[0] >= 2)) + " or more"
+        options = getattr(net, "options", None)  # registry models: offer the small stem where it would do
+        if options and options.get("stem") != "small":
+            with torch.device("meta"):
+                small_stem = create_model(name, **{**options, "stem": "small"})
+            if _map_probe(small_stem, in_chans)(size)[0] >= 2:
+                fix += ", or --stem small"
+        raise UsageError(f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; {fix}")
+    if norm_area is not None and batch_size * norm_area < 2:
+        raise UsageError(f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
+                         "(a 1x1 map); use --batch-size 2 or more")
+    return norm_area or 0
+
+
+def _map_probe(net: nn.Module, in_chans: int) -> Callable[[int], tuple[int, int | None]]:
+    """side -> (the smallest map a downsampling layer sees, the smallest map area a BatchNorm
+    normalises or None), measured on a shape-only (meta) copy of ``net``."""
     import copy
 
-    check_input_size(net, size)
     probe = copy.deepcopy(net).to("meta").eval()
     seen: list[int] = []
     norm_areas: list[int] = []
@@ -166,23 +186,13 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.register_forward_pre_hook(lambda module, inputs: norm_areas.append(inputs[0][0, 0].numel()))
 
-    def smallest_map(side: int) -> int:
+    def measure(side: int) -> tuple[int, int | None]:
         seen.clear()
         norm_areas.clear()
         probe(torch.zeros(1, in_chans, side, side, device="meta"))
-        return min(seen, default=side)
+        return min(seen, default=side), min(norm_areas, default=None)
 
-    if smallest_map(size) < 2:
-        smallest = next(s for s in range(size + 1, 4097) if smallest_map(s) >= 2)
-        small_stem = getattr(net, "options", {}).get("stem") == "small"  # downsamples 8x, not 32x: the other fix
-        raise UsageError(
-            f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; "
-            f"use {fix.format(smallest)} or more" + ("" if small_stem else ", or --stem small")
-        )
-    if batch_size * min(norm_areas, default=2) < 2:
-        raise UsageError(f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
-                         "(a 1x1 map); use --batch-size 2 or more")
-    return min(norm_areas, default=0)
+    return measure
 
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
@@ -330,7 +340,7 @@ def train(
         changed = {k: v for k, v in overrides.items() if v is not None and k != "device"}
         if changed:
             raise UsageError(f"--resume continues the run as it was; drop {', '.join('--' + k.replace('_', '-') for k in changed)}")
-        recipe = dataclasses.replace(Recipe(**meta["recipe"]), device=overrides.get("device") or meta["recipe"]["device"])
+        recipe = dataclasses.replace(recipe_as_trained(meta["recipe"], meta), device=overrides.get("device") or meta["recipe"]["device"])
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         data_root = data_root or meta.get("data_root")
         resumed = (tensors, meta)
@@ -417,6 +427,7 @@ def train(
         sums, history = dist.share_of_sums(meta["sums"], ctx), meta["history"]
     dist.check_agree((epoch, start_step, len(history)), "where the run stands (epoch, step, finished epochs)")
     meta_static = {
+        WARMUP_EVERY_SCHEDULE: True,
         "model": {"name": net_name(net), "options": net_options(net)},
         "classes": train_split.classes,
         "dataset": recipe.dataset,

@@ -45,7 +45,7 @@ class Recipe:
         nesterov: Nesterov momentum for SGD (needs momentum > 0); adamw ignores it.
         weight_decay: decoupled for adamw, L2 for sgd.
         schedule: ``constant``, ``onecycle`` (linear decay to 0) or ``cosine`` (to 0), each after the warm-up.
-        warmup: fraction of all steps spent warming up linearly from lr/steps to lr (any schedule).
+        warmup: fraction of all steps spent warming up, linearly from lr / (warm-up steps) to lr (any schedule).
         label_smoothing: cross-entropy label smoothing.
         augment: ``none`` or a comma list of ``flip``, ``crop``, ``erase``.
         crop_padding: padding of the random crop, in pixels of the trained size.
@@ -210,6 +210,22 @@ RECIPES: dict[str, Recipe] = {
         stem="small", precision="auto", channels_last=True, tta=True,
     ),
 }  # fmt: skip
+
+
+# Set in the checkpoints of runs in which every schedule warms up; before 2026-12-01 the constant
+# schedule ignored ``warmup``, and a run saved then must resume at the learning rates it trained at.
+WARMUP_EVERY_SCHEDULE = "warmup_every_schedule"
+
+
+def recipe_as_trained(fields: dict[str, Any], meta: dict[str, Any]) -> Recipe:
+    """The recipe of a checkpoint (its fields and meta), as it trained: combinations that earlier
+    versions ignored silently, and now refuse or honour, stay ignored for the runs that used them."""
+    recipe = Recipe(**fields)
+    if recipe.optimizer == "sgd" and recipe.nesterov and recipe.momentum == 0:  # it trained as plain SGD
+        recipe = dataclasses.replace(recipe, nesterov=False)
+    if recipe.schedule == "constant" and not meta.get(WARMUP_EVERY_SCHEDULE):
+        recipe = dataclasses.replace(recipe, warmup=0.0)
+    return recipe
 
 
 def get_recipe(name: str, **overrides: Any) -> Recipe:
