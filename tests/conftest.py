@@ -8,6 +8,10 @@ from hypothesis import settings
 # verdict depends on the code alone, not on which random inputs a run happened to draw. Searching for
 # new failures is a separate, deliberate run: `make fuzz` (HYPOTHESIS_PROFILE=explore: fresh random
 # examples, many more of them). A failure it finds becomes a plain regression test.
-settings.register_profile("ci", max_examples=150, derandomize=True, database=None)
-settings.register_profile("explore", max_examples=5000)
+# print_blob: a failure prints the @reproduce_failure line that replays it. The examples also depend
+# on which modules pytest collected (hypothesis draws constants from them), so reproduce a failure of
+# `make test` with that line rather than by running tests/test_data_bad.py alone.
+settings.register_profile("ci", max_examples=150, derandomize=True, database=None, print_blob=True)
+# Based on hypothesis's own default, not on the active profile (which is its "ci" when $CI is set).
+settings.register_profile("explore", settings.get_profile("default"), max_examples=5000, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -159,9 +159,26 @@ def test_out_that_is_a_fifo_is_refused_not_replaced(run_dir, tmp_path, capsys):
     os.mkfifo(fifo)
     assert main(["export", str(run_dir), "--out", str(fifo)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"resnetlab: error: --out {fifo} is not a regular file (a device, FIFO or socket) and would be replaced; "
+    assert err == (f"resnetlab: error: --out {fifo} is not a regular file (a device, FIFO or socket); "
                    f"give a file name such as {run_dir / 'model.onnx'}\n")  # fmt: skip
-    assert stat.S_ISFIFO(fifo.stat().st_mode) and [p.name for p in tmp_path.iterdir()] == ["pipe"]
+    (tmp_path / "link").symlink_to(fifo)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "link")]) == 2
+    assert f"--out {tmp_path / 'link'} (-> {fifo}) is not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["link", "pipe"]
+
+
+def test_out_through_a_link_writes_the_target_and_keeps_the_link(exported, run_dir, tmp_path, capsys):
+    from resnetlab.onnx_runtime import OnnxClassifier
+
+    target = tmp_path / "real.onnx"
+    target.write_text("old")
+    (tmp_path / "link.onnx").symlink_to(target)
+    (tmp_path / "dangling.onnx").symlink_to(tmp_path / "new" / "m.onnx")
+    for link in ("link.onnx", "dangling.onnx"):
+        assert main(["export", str(run_dir), "--out", str(tmp_path / link)]) == 0, capsys.readouterr().err
+        assert (tmp_path / link).is_symlink()
+        written = (tmp_path / link).resolve()  # where the link points
+        assert written.stat().st_size > 10_000 and OnnxClassifier(written).input_shape == OnnxClassifier(exported[0]).input_shape
 
 
 def test_unwritable_out_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):
@@ -247,6 +264,17 @@ def test_pillow_warning_is_one_line(exported, run_dir, tmp_path, monkeypatch, ca
         assert err == ("resnetlab: warning: Image size (144 pixels) exceeds limit of 100 pixels, could be decompression "
                        "bomb DOS attack. (DecompressionBombWarning)\n")  # fmt: skip
     assert warnings.showwarning is shown  # only the command's own warnings are reworded
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="closes the child's fd 2")
+def test_a_warning_with_stderr_closed_leaves_json_output_alone(exported, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "big.png")
+    code = ("from PIL import Image; Image.MAX_IMAGE_PIXELS = 100; from resnetlab.cli import main; "
+            f"raise SystemExit(main(['predict', '--onnx', {str(exported[0])!r}, {str(tmp_path / 'big.png')!r}, '--json']))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2), timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["image"] == str(tmp_path / "big.png")
 
 
 def test_predict_takes_options_between_positionals(exported, run_dir, tmp_path, fashion_test_images, capsys):

@@ -238,7 +238,12 @@ def _one_line_warnings() -> Iterator[None]:
     of Python's ``file:line: Category: message`` followed by the source line that raised it."""
 
     def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
-        print(f"resnetlab: warning: {' '.join(str(message).split())} ({category.__name__})", file=sys.stderr)
+        if sys.stderr is None:  # started with stderr closed: print(file=None) would write into stdout (--json)
+            return
+        try:
+            print(f"resnetlab: warning: {' '.join(str(message).split())} ({category.__name__})", file=sys.stderr)
+        except OSError:  # a closed or broken stderr must not stop the command (Python's own printer ignores it too)
+            pass
 
     saved = warnings.showwarning
     warnings.showwarning = show

@@ -230,14 +230,18 @@ def export_onnx(
     from resnetlab.train.checkpoint import load_checkpoint, resolve_checkpoint_path
 
     ckpt = resolve_checkpoint_path(checkpoint)
-    dest = Path(out) if out else ckpt.parent / DEFAULT_NAME
+    given = Path(out) if out else ckpt.parent / DEFAULT_NAME
+    # The atomic write renames a temporary file over dest: through a link that would replace the link
+    # (not write its target), so write the target; and refuse a FIFO or device (as root: /dev/null).
+    dest = Path(os.path.realpath(given))
+    named = str(given) if str(dest) == os.path.abspath(given) else f"{given} (-> {dest})"
     if dest.is_dir():
-        raise UsageError(f"--out {dest} is a directory; give a file name such as {dest / DEFAULT_NAME}")
-    if dest.exists() and not dest.is_file():  # the atomic write would replace a FIFO or a device (as root: /dev/null)
-        raise UsageError(f"--out {dest} is not a regular file (a device, FIFO or socket) and would be replaced; "
+        raise UsageError(f"--out {named} is a directory; give a file name such as {given / DEFAULT_NAME}")
+    if dest.exists() and not dest.is_file():
+        raise UsageError(f"--out {named} is not a regular file (a device, FIFO or socket); "
                          f"give a file name such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
     if dest.exists() and os.path.samefile(dest, ckpt):  # any spelling or link of it: the export would replace it
-        raise UsageError(f"--out {dest} is the checkpoint being exported and would be lost; "
+        raise UsageError(f"--out {given} is the checkpoint being exported and would be lost; "
                          f"give another file such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
     classifier = load_checkpoint(ckpt)
     notes = []
