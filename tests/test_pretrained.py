@@ -135,6 +135,17 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(0, 400, 8):
+        save_file({"fc.bias": torch.zeros(3)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[:1] == b"\x80" and list(read_weights(path)) == ["fc.bias"]
+
+
 def test_pickle_carrying_code_is_refused_and_never_run(source, tmp_path):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pth"

@@ -323,6 +323,21 @@ def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.Capt
     assert tiny_run.checkpoint.read_bytes() == before
 
 
+def test_a_checkpoint_whose_header_length_starts_like_a_pickle_is_read(tiny_run, tmp_path: Path) -> None:
+    # safetensors begins with its header's length; 1 file in 32 has 0x80 (a pickle's first byte) first
+    from resnetlab.train.checkpoint import save_checkpoint
+
+    tensors, meta = read_checkpoint(tiny_run.run_dir)
+    path = tmp_path / "last.safetensors"
+    for pad in range(0, 400, 8):  # the header grows in steps of 8 bytes: its length's low byte takes every step
+        save_checkpoint(path, tensors, {**meta, "note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert read_checkpoint(path)[1]["note"] == "x" * pad
+    assert main(["eval", str(path)]) == 0
+
+
 def test_pickle_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "model.pt"
     torch.save({"weights": torch.zeros(2)}, path)

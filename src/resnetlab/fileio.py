@@ -1,4 +1,4 @@
-"""Durable file replacement shared by checkpoints, downloads and exports."""
+"""File helpers shared by checkpoints, downloads, exports and weight loading."""
 
 from __future__ import annotations
 
@@ -18,3 +18,15 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def is_torch_save(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (>= 9 bytes) is a torch.save zip or a pickle, not safetensors.
+
+    A safetensors file starts with its header's length (8 bytes, little-endian) and then the JSON
+    header's ``{``. The length's first byte can be 0x80, a pickle's first byte (1 file in 32: the
+    length is a multiple of 8), so the ``{`` decides, and a pickle needs its protocol byte (2-5) too.
+    """
+    if head[8:9] == b"{":
+        return False
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))

@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 from resnetlab.errors import CheckpointError
+from resnetlab.fileio import is_torch_save
 
 __all__ = ["load_pretrained", "read_weights", "adapt_input_conv", "PretrainedReport"]
 
 log = logging.getLogger("resnetlab.pretrained")
 
-_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip container / a legacy pickle
 _NESTED = ("state_dict", "model")
 _SHOW = 3  # differing keys named in a mismatch message
 
@@ -72,8 +72,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise CheckpointError(f"no weights file at {p}; give a torchvision/timm .pth, .pt or .safetensors file")
     with open(p, "rb") as f:
-        head = f.read(8)
-    obj = _read_torch(p) if head.startswith(_TORCH_MAGIC) else _read_safetensors(p)
+        head = f.read(16)
+    obj = _read_torch(p) if is_torch_save(head) else _read_safetensors(p)
     return _state_dict(obj, p)
 
 

@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 from resnetlab.errors import CheckpointError
-from resnetlab.fileio import fsync_dir
+from resnetlab.fileio import fsync_dir, is_torch_save
 
 CHECKPOINT_NAME = "last.safetensors"
 FORMAT_VERSION = 1
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save's zip container
 # metadata every checkpoint written by training holds; using or resuming one reads them all
 _META_KEYS = ("model", "classes", "input_shape", "preprocessing", "recipe", "position", "sums", "history", "optimizer")
 
@@ -75,7 +74,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     p = resolve_checkpoint_path(path)
     with open(p, "rb") as f:
         head = f.read(16)
-    if head.startswith(_PICKLE_MAGIC):
+    if is_torch_save(head):
         raise CheckpointError(
             f"{p} is a pickle/torch.save file; resnetlab never unpickles (it can run code). "
             "Use a resnetlab last.safetensors, or resnetlab.load_pretrained for torchvision/timm weights"
