@@ -277,6 +277,19 @@ def test_a_warning_with_stderr_closed_leaves_json_output_alone(exported, tmp_pat
     assert done.returncode == 0 and json.loads(done.stdout)[0]["image"] == str(tmp_path / "big.png")
 
 
+def test_predict_reads_16_bit_images_as_training_does(exported, run_dir, tmp_path, fashion_test_images, capsys):
+    from PIL import Image
+
+    grey = (fashion_test_images[0, 0] * 255).round().astype(np.uint16)
+    Image.fromarray((grey * 257).astype(np.uint16)).save(tmp_path / "deep.png")  # 16-bit: high byte = the 8-bit value
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "flat.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    for model in (["--onnx", str(exported[0])], [str(run_dir)]):
+        assert main(["predict", *model, str(tmp_path / "deep.png"), str(tmp_path / "flat.png"), "--json"]) == 0
+        deep, flat = json.loads(capsys.readouterr().out)
+        assert deep["top"] == flat["top"]  # Pillow's convert("L") clipped every pixel to 255 (white)
+
+
 def test_predict_takes_options_between_positionals(exported, run_dir, tmp_path, fashion_test_images, capsys):
     files = _write_images(tmp_path, fashion_test_images)
     assert main(["predict", str(run_dir), files[0], "--topk", "1", files[2]]) == 0  # was "unrecognized arguments"

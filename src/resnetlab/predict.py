@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from resnetlab.errors import UsageError
+from resnetlab.images import to_mode
 
 
 def read_image(path: str | Path, channels: int, height: int, width: int) -> np.ndarray:
@@ -28,7 +29,7 @@ def read_image(path: str | Path, channels: int, height: int, width: int) -> np.n
     try:
         with Image.open(path) as im:
             im.load()
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = to_mode(im, "L" if channels == 1 else "RGB")  # as the folder dataset reads it for training
             if im.size != (width, height):
                 im = im.resize((width, height), Image.BILINEAR)
             a = np.asarray(im, dtype=np.float32) / 255.0

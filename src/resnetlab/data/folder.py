@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from resnetlab.errors import DataError, UsageError
+from resnetlab.images import to_mode
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -162,7 +163,7 @@ def _load(files: list[tuple[Path, int]], size: tuple[int, int], channels: int) -
     for i, (path, label) in enumerate(files):
         try:
             with Image.open(path) as im:
-                im = _convert(im, mode)
+                im = to_mode(im, mode)
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
@@ -171,20 +172,6 @@ def _load(files: list[tuple[Path, int]], size: tuple[int, int], channels: int) -
         images[i] = arr.reshape(h, w, channels)
         labels[i] = label
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
-
-
-def _convert(im, mode: str):
-    from PIL import Image
-
-    if im.mode == mode:
-        return im
-    if im.mode.startswith("I;16"):  # 16-bit greyscale: keep the high byte rather than clip
-        im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8))
-    elif im.mode in ("I", "F"):
-        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8))
-    elif im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")  # then the colour channels are kept, alpha dropped
-    return im.convert(mode)
 
 
 def _first_line(err: BaseException) -> str:
