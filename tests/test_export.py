@@ -355,6 +355,44 @@ def test_onnx_classifier_refuses_a_non_onnx_file(tmp_path):
         OnnxClassifier(tmp_path / "missing.onnx")
 
 
+def _foreign_onnx(path: Path, op: str, metadata: dict[str, str]) -> Path:
+    """A one-node ONNX model on a 1 x 1 x 4 x 4 input, as another tool might have made it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])  # fmt: skip
+    model.ir_version = 8
+    for k, v in metadata.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, path)
+    return path
+
+
+def test_onnx_models_that_are_no_classifier_are_refused_at_load(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from resnetlab.onnx_runtime import OnnxClassifier
+
+    identity = _foreign_onnx(tmp_path / "id.onnx", "Identity", {})  # outputs the image itself
+    with pytest.raises(CheckpointError, match=r"outputs shape \[1, 1, 4, 4\] for one image; a classifier outputs 1 x 4 logits"):
+        OnnxClassifier(identity)
+    three_names = _foreign_onnx(tmp_path / "flat.onnx", "Flatten", {"classes": '["a", "b", "c"]'})  # 16 logits, 3 names
+    with pytest.raises(CheckpointError, match=r"outputs shape \[1, 16\] for one image; a classifier outputs 1 x 3 logits"):
+        OnnxClassifier(three_names)
+    assert OnnxClassifier(_foreign_onnx(tmp_path / "ok.onnx", "Flatten", {})).classes == [str(i) for i in range(16)]
+
+
+def test_predict_onnx_takes_the_run_directory_of_an_export(exported, run_dir, tmp_path, fashion_test_images, capsys):
+    image = _write_images(tmp_path, fashion_test_images)[0]
+    assert main(["predict", "--onnx", str(exported[0]), image]) == 0
+    by_file = capsys.readouterr().out
+    assert main(["predict", "--onnx", str(run_dir), image]) == 0  # export wrote run_dir/model.onnx
+    assert capsys.readouterr().out == by_file
+
+
 def test_verification_falls_back_to_random_images_and_says_so():
     classifier = SimpleNamespace(meta={"dataset": "folder:/nonexistent/resnetlab-test"}, input_shape=(3, 8, 8))
     images, source = export_mod.verification_images(classifier, n=5)

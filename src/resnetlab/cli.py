@@ -137,7 +137,7 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes for image files")
     p.add_argument("checkpoint", nargs="?", help="a run directory or checkpoint (omit with --onnx)")
     p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--onnx", metavar="MODEL", help="run an exported .onnx file with onnxruntime, without torch")
+    p.add_argument("--onnx", metavar="MODEL", help="run an exported .onnx file (or a run directory's model.onnx) with onnxruntime, without torch")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--json", action="store_true")
 

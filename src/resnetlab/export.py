@@ -35,7 +35,7 @@ import numpy as np
 
 from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
 from resnetlab.fileio import fsync_dir
-from resnetlab.onnx_runtime import META_CLASSES, META_INPUT_SHAPE, META_MODEL, require_onnx
+from resnetlab.onnx_runtime import EXPORT_NAME, META_CLASSES, META_INPUT_SHAPE, META_MODEL, require_onnx
 
 __all__ = ["export_onnx", "ExportResult", "run_export", "DEFAULT_OPSET", "MIN_OPSET", "TOLERANCE"]
 
@@ -44,7 +44,7 @@ MIN_OPSET = 18  # Resize gained the antialias attribute in opset 18
 TOLERANCE = 1e-4  # max abs difference of onnxruntime's and PyTorch's fp32 logits
 VERIFY_IMAGES = 64
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-DEFAULT_NAME = "model.onnx"
+DEFAULT_NAME = EXPORT_NAME
 
 
 @dataclass(frozen=True)

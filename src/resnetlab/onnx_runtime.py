@@ -34,6 +34,7 @@ ONNX_EXTRA = "pip install 'resnetlab[onnx]'"
 
 # metadata_props keys written by resnetlab.export and read here (values are strings; JSON where noted)
 META_CLASSES = "classes"  # JSON list of class names, in logit order
+EXPORT_NAME = "model.onnx"  # where `resnetlab export RUN` writes, in the run directory
 META_INPUT_SHAPE = "input_shape"  # JSON [C, H, W]: native size; values are floats in [0, 1]
 META_MODEL = "model"  # registry name, e.g. "resnet18"
 
@@ -67,7 +68,7 @@ class OnnxClassifier:
     """An ONNX image classifier run by onnxruntime.
 
     Args:
-        path: the ``.onnx`` file (from ``resnetlab export``).
+        path: the ``.onnx`` file (from ``resnetlab export``), or a run directory holding its ``model.onnx``.
         providers: onnxruntime execution providers, in order of preference (default: CPU).
         threads: intra-op threads (default: onnxruntime's choice).
 
@@ -81,6 +82,8 @@ class OnnxClassifier:
     def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
         (ort,) = require_onnx("running an ONNX model (predict --onnx)", ("onnxruntime",))
         p = Path(path)
+        if p.is_dir():  # a run directory: its export
+            p = p / EXPORT_NAME
         if not p.is_file():
             raise CheckpointError(f"no ONNX model at {p}; export one with `resnetlab export CHECKPOINT`")
         options = ort.SessionOptions()
@@ -99,7 +102,14 @@ class OnnxClassifier:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.model_name: str | None = self.metadata.get(META_MODEL)
         self.input_shape = self._input_shape(inputs[0].shape)
-        self.classes = self._classes(outputs[0].shape)
+        try:  # one blank image: a model that cannot run, or is no classifier, is refused here, not mid-predict
+            out = np.asarray(self.logits(np.zeros((1, *self.input_shape), np.float32)))
+        except Exception as err:  # onnxruntime raises its own pybind exception types
+            raise CheckpointError(f"{p} fails on a blank {'x'.join(map(str, self.input_shape))} image ({_first_line(err)}); export it again") from None
+        self.classes = self._classes(out.shape[-1] if out.ndim else 0)
+        if out.shape != (1, len(self.classes)):
+            raise CheckpointError(f"{p} outputs shape {list(out.shape)} for one image; a classifier outputs 1 x {len(self.classes)} "
+                                  "logits (one per class); export it with `resnetlab export`")  # fmt: skip
 
     def _input_shape(self, graph_shape: list[Any]) -> tuple[int, int, int]:
         raw = self.metadata.get(META_INPUT_SHAPE)
@@ -117,7 +127,7 @@ class OnnxClassifier:
             )
         return shape  # type: ignore[return-value]
 
-    def _classes(self, graph_shape: list[Any]) -> list[str]:
+    def _classes(self, outputs: int) -> list[str]:
         raw = self.metadata.get(META_CLASSES)
         if raw is not None:
             try:
@@ -127,10 +137,7 @@ class OnnxClassifier:
             if not isinstance(classes, list) or not classes:
                 raise CheckpointError(f"{self.path} has corrupt class names in its metadata")
             return [str(c) for c in classes]
-        k = graph_shape[-1] if graph_shape else None
-        if not isinstance(k, int):  # dynamic: ask the model once
-            k = self.logits(np.zeros((1, *self.input_shape), np.float32)).shape[-1]
-        return [str(i) for i in range(k)]
+        return [str(i) for i in range(outputs)]  # no names: the logits' indices
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 N x C x H x W images in [0, 1] (at ``input_shape``) -> N x classes logits."""
