@@ -338,6 +338,59 @@ def test_a_checkpoint_whose_header_length_starts_like_a_pickle_is_read(tiny_run,
     assert main(["eval", str(path)]) == 0
 
 
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        ({"classes": ["a", "b", "c", "d", "e"]}, "5 class names for a model with 10 outputs"),
+        ({"classes": "abc"}, "classes is not a list of names"),
+        ({"input_shape": None}, "input_shape None is not [C, H, W]"),
+        ({"input_shape": [28, 28]}, "input_shape [28, 28] is not [C, H, W]"),
+        ({"input_shape": [1, 28.5, 28]}, "input_shape [1, 28.5, 28] is not [C, H, W]"),
+        ({"input_shape": [3, 28, 28]}, "with C = the model's 1 input channels"),
+        ({"preprocessing": None}, "preprocessing None is not a size and one mean and std > 0 per channel"),
+        ({"preprocessing": {"size": 16, "mean": [0.1, 0.2, 0.3], "std": [0.3]}}, "is not a size and one mean"),
+        ({"preprocessing": {"size": 16, "mean": [0.1], "std": [0.0]}}, "is not a size and one mean and std > 0"),
+        ({"tta": "no"}, "tta is 'no', not true or false"),
+        ({"eval_precision": "fp8"}, "eval_precision is 'fp8', not fp32, bf16 or fp16"),
+        ({"dataset": None}, "dataset is None, not a name"),
+        ({"dataset": ...}, "incomplete resnetlab metadata (no dataset)"),
+    ],
+)  # fmt: skip
+def test_hand_edited_checkpoint_metadata_is_one_line(edit: dict, reason: str, tiny_run, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from resnetlab.train.checkpoint import save_checkpoint
+
+    tensors, meta = read_checkpoint(tiny_run.run_dir)
+    meta = {k: v for k, v in {**meta, **edit}.items() if v is not ...}
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, tensors, meta)
+    for command in (["eval", str(path)], ["predict", str(path), "x.png"], ["train", "--resume", str(tmp_path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"resnetlab: error: {path} ") and reason in err and err.count("\n") == 1, err
+
+
+def test_eval_on_a_dataset_with_other_classes_names_the_first_difference(tiny_run, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from resnetlab.train.checkpoint import save_checkpoint
+
+    tensors, meta = read_checkpoint(tiny_run.run_dir)
+    save_checkpoint(tmp_path / "last.safetensors", tensors, {**meta, "classes": ["T-shirt/top", "jeans", *meta["classes"][2:]]})
+    assert main(["eval", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("resnetlab: error: fashion-mnist's class 1 is 'Trouser' but the model's is 'jeans'; "
+                                       "evaluate on the dataset it was trained on (fashion-mnist)\n")  # fmt: skip
+
+
+def test_non_finite_weights_are_refused_at_load(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from resnetlab.train.checkpoint import save_checkpoint
+
+    tensors, meta = read_checkpoint(tiny_run.run_dir)
+    name = next(k for k in tensors if k.startswith("model.") and k.endswith("weight"))
+    save_checkpoint(tmp_path / "last.safetensors", {**tensors, name: tensors[name] * float("nan")}, meta)
+    assert main(["predict", str(tmp_path), "x.png"]) == 2
+    assert "holds non-finite (NaN or inf) weights" in capsys.readouterr().err
+
+
 def test_pickle_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "model.pt"
     torch.save({"weights": torch.zeros(2)}, path)

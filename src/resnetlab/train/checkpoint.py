@@ -15,6 +15,7 @@ file, so a crash at any moment leaves either the old or the new checkpoint, neve
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -29,7 +30,7 @@ from resnetlab.fileio import fsync_dir, is_torch_save
 CHECKPOINT_NAME = "last.safetensors"
 FORMAT_VERSION = 1
 # metadata every checkpoint written by training holds; using or resuming one reads them all
-_META_KEYS = ("model", "classes", "input_shape", "preprocessing", "recipe", "position", "sums", "history", "optimizer")
+_META_KEYS = ("model", "classes", "input_shape", "preprocessing", "dataset", "recipe", "position", "sums", "history", "optimizer")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -94,6 +95,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{p} has corrupt resnetlab metadata ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p} has corrupt resnetlab metadata (a JSON {type(meta).__name__}, not an object)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p} has checkpoint format {meta.get('format_version')}; this resnetlab reads {FORMAT_VERSION}")
     missing = [k for k in _META_KEYS if k not in meta]
@@ -101,7 +104,44 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if missing or not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("options"), dict)):
         what = f"no {', '.join(missing)}" if missing else f"model is {spec!r}, not a name and options"
         raise CheckpointError(f"{p} has incomplete resnetlab metadata ({what}); it is damaged or not from `resnetlab train`")
+    wrong = _wrong_meta(meta)
+    if wrong:
+        raise CheckpointError(f"{p} has corrupt resnetlab metadata ({wrong}); it is damaged or was edited by hand")
     return tensors, meta
+
+
+def _wrong_meta(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the metadata the model is rebuilt and used from (edited by hand, damaged), or None."""
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def per_channel(v: Any, channels: int) -> list[float]:  # a number or one per channel -> the numbers, else []
+        v = v if isinstance(v, list) else [v]
+        ok = len(v) in (1, channels) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        return v if ok else []
+
+    options, shape, pre = meta["model"]["options"], meta["input_shape"], meta["preprocessing"]
+    if not (count(options.get("num_classes")) and count(options.get("in_chans"))):
+        return f"model options {options} lack num_classes or in_chans"
+    if not (isinstance(meta["classes"], list) and all(isinstance(c, str) for c in meta["classes"])):
+        return "classes is not a list of names"
+    if len(meta["classes"]) != options["num_classes"]:
+        return f"{len(meta['classes'])} class names for a model with {options['num_classes']} outputs"
+    if not (isinstance(shape, list) and len(shape) == 3 and all(count(v) for v in shape) and shape[0] == options["in_chans"]):
+        return f"input_shape {shape!r} is not [C, H, W] with C = the model's {options['in_chans']} input channels"
+    pre = pre if isinstance(pre, dict) else {"size": "?"}
+    std = per_channel(pre.get("std", 1.0), shape[0])
+    if not ((pre.get("size") is None or count(pre.get("size"))) and per_channel(pre.get("mean", 0.0), shape[0]) and std and min(std) > 0):
+        return f"preprocessing {meta['preprocessing']!r} is not a size and one mean and std > 0 per channel"
+    for key in ("tta", "channels_last"):
+        if not isinstance(meta.get(key, False), bool):
+            return f"{key} is {meta[key]!r}, not true or false"
+    if meta.get("eval_precision", "fp32") not in ("fp32", "bf16", "fp16"):
+        return f"eval_precision is {meta['eval_precision']!r}, not fp32, bf16 or fp16"
+    if not isinstance(meta["dataset"], str):
+        return f"dataset is {meta['dataset']!r}, not a name"
+    return None
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -188,6 +228,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     net = create_model(spec["name"], **spec["options"])
     load_weights(net, prefixed(tensors, "model."), f"{path}: the weights do not fit the {spec['name']} {spec['options']} "
                  "its metadata describes")  # fmt: skip
+    if not all(torch.isfinite(t).all() for t in net.state_dict().values() if t.is_floating_point()):  # training never saves these
+        raise CheckpointError(f"{path} holds non-finite (NaN or inf) weights; it is damaged, use another checkpoint")
     classifier = Classifier(
         net,
         Preprocess.from_config(meta["preprocessing"]),

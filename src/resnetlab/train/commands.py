@@ -111,7 +111,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if list(test.images.shape[1:]) != list(meta["input_shape"]):
         raise UsageError(f"{dataset} images are {tuple(test.images.shape[1:])} but the model takes {tuple(meta['input_shape'])}")
     if test.classes != classifier.classes:
-        raise UsageError(f"{dataset} has classes {test.classes[:3]}... but the model was trained on {classifier.classes[:3]}...")
+        if len(test.classes) != len(classifier.classes):
+            differ = f"{dataset} has {len(test.classes)} classes but the model was trained on {len(classifier.classes)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(test.classes, classifier.classes)) if a != b)
+            differ = f"{dataset}'s class {i} is {test.classes[i]!r} but the model's is {classifier.classes[i]!r}"
+        raise UsageError(f"{differ}; evaluate on the dataset it was trained on ({meta['dataset']})")
     batch = args.batch_size if args.batch_size is not None else meta.get("eval_batch_size", 500)
     confusion = evaluate(classifier, BatchLoader(test, batch, device=device), len(test.classes))
     total = confusion.sum().item()
