@@ -151,6 +151,10 @@ def test_out_that_is_the_checkpoint_is_refused_and_the_checkpoint_kept(run_dir, 
         assert err == (f"resnetlab: error: --out {out} is the checkpoint being exported and would be lost; "
                        f"give another file such as {run_dir / 'model.onnx'}\n")  # fmt: skip
     assert ckpt.read_bytes() == before
+    config = (run_dir / "config.json").read_bytes()
+    assert main(["export", str(run_dir), "--out", str(run_dir / "config.json")]) == 2
+    assert f"--out {run_dir / 'config.json'} is a file of the run being exported (config.json)" in capsys.readouterr().err
+    assert (run_dir / "config.json").read_bytes() == config
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")

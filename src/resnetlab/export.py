@@ -228,6 +228,7 @@ def export_onnx(
     require_onnx("resnetlab export")
     opset = check_opset(opset)
     from resnetlab.train.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from resnetlab.train.rundir import RUN_FILES
 
     ckpt = resolve_checkpoint_path(checkpoint)
     given = Path(out) if out else ckpt.parent / DEFAULT_NAME
@@ -242,6 +243,9 @@ def export_onnx(
                          f"give a file name such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
     if dest.exists() and os.path.samefile(dest, ckpt):  # any spelling or link of it: the export would replace it
         raise UsageError(f"--out {given} is the checkpoint being exported and would be lost; "
+                         f"give another file such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
+    if dest.name in RUN_FILES and dest.exists() and os.path.samefile(dest.parent, ckpt.parent):
+        raise UsageError(f"--out {given} is a file of the run being exported ({dest.name}) and would be lost; "
                          f"give another file such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
     classifier = load_checkpoint(ckpt)
     notes = []
