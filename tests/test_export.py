@@ -13,10 +13,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,6 +185,21 @@ def test_out_through_a_link_writes_the_target_and_keeps_the_link(exported, run_d
         assert (tmp_path / link).is_symlink()
         written = (tmp_path / link).resolve()  # where the link points
         assert written.stat().st_size > 10_000 and OnnxClassifier(written).input_shape == OnnxClassifier(exported[0]).input_shape
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
+def test_sigterm_during_export_leaves_no_temporary_file(run_dir, tmp_path):
+    _needs_onnx()
+    out = tmp_path / "m.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "resnetlab", "export", str(run_dir), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".m.onnx.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the export ended before its temporary file was seen"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # neither the temporary file nor a half-written m.onnx
 
 
 def test_unwritable_out_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):

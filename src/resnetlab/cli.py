@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import signal
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _one_line_warnings():
+        with _one_line_warnings(), _sigterm_unwinds(args.command != "train"):
             return int(_handler(args.command)(args) or 0)
     except ResnetlabError as err:
         print(f"resnetlab: error: {err}", file=sys.stderr)
@@ -251,6 +253,25 @@ def _one_line_warnings() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = saved
+
+
+@contextmanager
+def _sigterm_unwinds(enabled: bool) -> Iterator[None]:
+    """Turn SIGTERM (``timeout``, ``kill``, a job scheduler) into SystemExit(143), so that the
+    ``finally``/``except`` blocks that remove temporary files (export, downloads) run. Not for
+    ``train``: a killed run keeps its last checkpoint, and torchelastic stops workers with SIGTERM."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # How torch says a tensor cannot be allocated (CPU, CUDA, MPS) or its size cannot even be computed.
