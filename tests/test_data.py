@@ -130,6 +130,19 @@ def test_lookup_order_root_env_cache_system(isolated, monkeypatch):
     assert len(load_dataset("mnist", root=root, download=False)[0]) == 14
 
 
+def test_a_named_root_without_the_data_is_a_warning_not_silence(isolated, monkeypatch, capsys):
+    sysdir = isolated / "sys"
+    write_idx_dataset(sysdir, n_train=11)
+    monkeypatch.setitem(sources.SYSTEM_DIRS, "mnist", [str(sysdir)])
+    typo = isolated / "typo"
+    with pytest.warns(UserWarning, match=rf"^--root {typo} holds no usable mnist .*; using {sysdir} \(system\)\. Fix or drop --root {typo}$"):
+        assert len(load_dataset("mnist", root=typo, download=False)[0]) == 11
+    monkeypatch.setenv("RESNETLAB_DATA", str(typo))
+    assert main(["data", "info", "mnist"]) == 0  # the CLI shows it as one line
+    err = capsys.readouterr().err
+    assert err.startswith(f"resnetlab: warning: $RESNETLAB_DATA {typo} holds no usable mnist") and err.count("\n") == 1
+
+
 def test_cache_respects_xdg_and_home(isolated, monkeypatch):
     assert sources.cache_dir() == isolated / "xdg-cache" / "resnetlab"
     monkeypatch.delenv("XDG_CACHE_HOME")

@@ -243,7 +243,8 @@ def _one_line_warnings() -> Iterator[None]:
         if sys.stderr is None:  # started with stderr closed: print(file=None) would write into stdout (--json)
             return
         try:
-            print(f"resnetlab: warning: {' '.join(str(message).split())} ({category.__name__})", file=sys.stderr)
+            kind = "" if category is UserWarning else f" ({category.__name__})"  # resnetlab's own warnings are UserWarnings
+            print(f"resnetlab: warning: {' '.join(str(message).split())}{kind}", file=sys.stderr)
         except OSError:  # a closed or broken stderr must not stop the command (Python's own printer ignores it too)
             pass
 

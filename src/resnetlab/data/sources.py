@@ -42,6 +42,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,12 @@ def locate(name: str, root: str | os.PathLike | None = None) -> tuple[Location |
         found, note = (_probe_idx if ds.kind == "idx" else _probe_cifar)(d)
         if found is not None:
             form, files = found
+            # a root the user named but that failed would otherwise pass unnoticed (a typo, a damaged copy)
+            for given in dict.fromkeys(p.label for p in places if p.label in ("--root", "$RESNETLAB_DATA") and p.label != label):
+                base = next(p.path for p in reversed(places) if p.label == given)  # the base itself, searched after base/NAME
+                flag = f"--root {base}" if given == "--root" else f"RESNETLAB_DATA={base}"
+                warnings.warn(f"{given} {base} holds no usable {name} (see `resnetlab data info {name} --root {base}`); "
+                              f"using {d} ({label}). Fix or drop {flag}", stacklevel=2)  # fmt: skip
             return Location(name, d, label, files, form), places
         place.note = note
     return None, places
