@@ -272,6 +272,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         (["--progressive-sizes", str(2**31)], "progressive sizes must be none or a comma list of sizes in [1, 2**31 - 1]"),
         (["--resize", str(10**20)], "resize must be in [0, 2**31 - 1]"),
         (["--momentum", "0"], "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),
+        (["--lr", "1e39"], "lr must be at most 3.4e+38 (float32)"),
+        (["--weight-decay", "1e308"], "weight decay must be at most 3.4e+38"),
+        (["--width", str(10**20)], "width must be in [1, 2**31 - 1]"),
+        (["--crop-padding", str(10**20), "--augment", "crop"], "crop padding must be in [0, 2**31 - 1]"),
+        (["--dataset", "folder:/nonexistent?seed=99999999999999999999999"], "folder seed must be in torch's range"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -314,6 +319,18 @@ def test_too_small_even_for_the_small_stem_names_the_size_only(stem: str, tmp_pa
     assert main(["train", "--subset", "64", "--model", "resnet10", "--stem", stem, "--resize", "4", "--out", str(tmp_path / "r")]) == 2
     smallest = {"small": 5, "imagenet": 17}[stem]
     assert capsys.readouterr().err.strip().endswith(f"a downsampling layer would see a 1x1 map; use --resize {smallest} or more")
+
+
+@pytest.mark.parametrize("code, fix", [(28, "free some disk space"), (13, "check the permissions")])  # ENOSPC, EACCES
+def test_a_full_disk_or_a_forbidden_path_is_one_line(code: int, fix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    def fail(path: Path, data: bytes) -> None:
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr("resnetlab.train.rundir.atomic_write_bytes", fail)  # config.json, the first file a run writes
+    assert main(["train", *TINY_FLAGS, "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"resnetlab: error: {os.strerror(code)} ({tmp_path / 'r' / 'config.json'}); {fix}") and err.count("\n") == 1
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ Handlers are imported lazily so that `resnetlab predict --onnx` never imports to
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import re
 import signal
@@ -227,6 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"resnetlab: error: {_too_large(err, args)}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine's state, not a bug: a full disk, a read-only or forbidden path
+        fix = _OS_FIXES.get(err.errno or 0)
+        if fix is None:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"resnetlab: error: {err.strerror or err}{where}; {fix}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("resnetlab: interrupted", file=sys.stderr)
         return 130
@@ -274,6 +282,16 @@ def _sigterm_unwinds(enabled: bool) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
+# errno -> the fix, for file-system failures a command cannot work around (a run's last checkpoint
+# stays intact: checkpoints are written to a temporary file and renamed).
+_OS_FIXES = {
+    errno.ENOSPC: "free some disk space or write elsewhere (--out); a run resumes from its last checkpoint",
+    errno.EDQUOT: "free some of your disk quota or write elsewhere (--out); a run resumes from its last checkpoint",
+    errno.EACCES: "check the permissions or choose another path (--out)",
+    errno.EPERM: "check the permissions or choose another path (--out)",
+    errno.EROFS: "the file system is read-only; choose another path (--out)",
+}
 
 # How torch says a tensor cannot be allocated (CPU, CUDA, MPS) or its size cannot even be computed.
 _TOO_LARGE = re.compile(r"can't allocate memory|out of memory|Storage size calculation overflowed")

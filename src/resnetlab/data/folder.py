@@ -210,4 +210,6 @@ def folder_options(options: dict[str, str]) -> dict[str, object]:
         raise UsageError(f"bad folder dataset option in {options!r}") from None
     if isinstance(out.get("holdout"), float) and not math.isfinite(out["holdout"]):  # type: ignore[arg-type]
         raise UsageError("holdout must be finite")
+    if not -(2**63) <= out.get("seed", 0) < 2**64:  # type: ignore[operator]
+        raise UsageError(f"folder seed must be in torch's range [-2**63, 2**64 - 1], not {out['seed']}")
     return out

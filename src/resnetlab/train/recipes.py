@@ -22,6 +22,7 @@ MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 # Image sides beyond int32 overflow inside torch (a traceback); below it, too large a size is the
 # CLI's one-line out-of-memory error.
 MAX_SIZE = 2**31 - 1
+MAX_FLOAT32 = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class Recipe:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, not {value}")
+            if isinstance(value, float) and abs(value) > MAX_FLOAT32:  # torch stores lr and decay as float32 scalars
+                raise UsageError(f"{f.name.replace('_', ' ')} must be at most {MAX_FLOAT32:.3g} (float32), not {value}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, not {self.batch_size}"),
@@ -154,8 +157,8 @@ class Recipe:
             (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), not {self.warmup}"),
             (MIN_SEED <= self.seed <= MAX_SEED, f"seed must be in torch's range [-2**63, 2**64 - 1], not {self.seed}"),
             (self.subset >= 0, f"subset must be >= 0 (0 = the whole split), not {self.subset}"),
-            (self.width is None or self.width >= 1, f"width must be >= 1, not {self.width}"),
-            (self.crop_padding >= 0, f"crop padding must be >= 0, not {self.crop_padding}"),
+            (self.width is None or 1 <= self.width <= MAX_SIZE, f"width must be in [1, 2**31 - 1], not {self.width}"),
+            (0 <= self.crop_padding <= MAX_SIZE, f"crop padding must be in [0, 2**31 - 1], not {self.crop_padding}"),
             (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}; use sgd or adamw"),
             (not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
              "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),
