@@ -272,6 +272,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         (["--progressive-sizes", str(2**31)], "progressive sizes must be none or a comma list of sizes in [1, 2**31 - 1]"),
         (["--resize", str(10**20)], "resize must be in [0, 2**31 - 1]"),
         (["--momentum", "0"], "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),
+        (["--width", "4"], "width 4 with channels_last crashes PyTorch's CPU kernels (fewer than 8 channels); use --width 8"),
         (["--lr", "1e39"], "lr must be at most 3.4e+38 (float32)"),
         (["--weight-decay", "1e308"], "weight decay must be at most 3.4e+38"),
         (["--width", str(10**20)], "width must be in [1, 2**31 - 1]"),
@@ -331,6 +332,33 @@ def test_a_full_disk_or_a_forbidden_path_is_one_line(code: int, fix: str, tmp_pa
     assert main(["train", *TINY_FLAGS, "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"resnetlab: error: {os.strerror(code)} ({tmp_path / 'r' / 'config.json'}); {fix}") and err.count("\n") == 1
+
+
+def test_resume_repairs_metrics_and_curves_and_keeps_the_config(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run)
+    config = (run / "config.json").read_bytes()
+    metrics = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text("".join(metrics.splitlines(keepends=True)[:-1]))  # killed before the last row landed
+    (run / "curves.png").unlink()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert f"{run} finished its 3 epochs; evaluating it again" in capsys.readouterr().out
+    assert (run / "metrics.jsonl").read_text() == metrics and (run / "curves.png").exists()
+    assert (run / "config.json").read_bytes() == config  # the command and commit that started it
+
+
+def test_resume_refuses_a_folder_dataset_that_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    flags = ["--dataset", f"folder:{tmp_path / 'imgs'}", "--model", "resnet10", "--width", "8", "--batch-size", "4", "--epochs", "1"]
+    assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 0
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / "a" / "new.png")
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert "changed since the checkpoint (2 classes and 10 training images then, 2 and 11 now)" in capsys.readouterr().err
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:

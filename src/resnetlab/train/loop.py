@@ -364,6 +364,12 @@ def train(
     require_test_images(test_split, recipe.dataset)
     if recipe.subset:
         train_split = seeded_subset(train_split, recipe.subset, recipe.seed)
+    if resumed:  # an image folder may have changed since: the schedule and the classifier depend on it
+        then = (resumed[1]["classes"], resumed[1].get("train_images", len(train_split)))
+        if then != (train_split.classes, len(train_split)):
+            raise UsageError(f"{recipe.dataset} changed since the checkpoint ({len(then[0])} classes and {then[1]} training images "
+                             f"then, {len(train_split.classes)} and {len(train_split)} now); resume with the same data, "
+                             "or start a new run")  # fmt: skip
     c, h, w = train_split.images.shape[1:]
     size = recipe.resize or None
     if recipe.normalize:
@@ -428,6 +434,7 @@ def train(
     dist.check_agree((epoch, start_step, len(history)), "where the run stands (epoch, step, finished epochs)")
     meta_static = {
         WARMUP_EVERY_SCHEDULE: True,
+        "train_images": len(train_split),  # a resume checks the data is the same
         "model": {"name": net_name(net), "options": net_options(net)},
         "classes": train_split.classes,
         "dataset": recipe.dataset,
@@ -463,11 +470,18 @@ def train(
             files.create()
             print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
             if resumed:
-                print(f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)
-            write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
-                                                 "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
-                                                 "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
-                                                 **environment(device)})  # fmt: skip
+                finished = epoch >= recipe.epochs
+                print(f"{run_dir} finished its {recipe.epochs} epochs; evaluating it again" if finished
+                      else f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)  # fmt: skip
+                # a kill between a checkpoint and the metrics written after it left them one epoch behind
+                write_metrics(run_dir, history)
+                if history:
+                    plot_curves(run_dir / "curves.png", history, f"{recipe.model} on {recipe.dataset} ({recipe.name})")
+            if not resumed or not (run_dir / "config.json").exists():  # a resume keeps the command and commit that started the run
+                write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
+                                                     "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
+                                                     "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
+                                                     **environment(device)})  # fmt: skip
         while epoch < recipe.epochs:
             model.train()
             train_size = recipe.train_size(epoch)  # the test size, or smaller in early epochs (progressive resizing)

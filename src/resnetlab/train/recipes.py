@@ -160,6 +160,11 @@ class Recipe:
             (self.width is None or 1 <= self.width <= MAX_SIZE, f"width must be in [1, 2**31 - 1], not {self.width}"),
             (0 <= self.crop_padding <= MAX_SIZE, f"crop padding must be in [0, 2**31 - 1], not {self.crop_padding}"),
             (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}; use sgd or adamw"),
+            # measured with torch 2.13.0 on the AVX2 CPU: fewer than 8 channels in channels_last corrupt memory in a
+            # CPU training step (double free, segfault with 1 thread; a hang in backward with 2), e.g. --width 4
+            (not (self.channels_last and self.width is not None and self.width < 8),
+             f"width {self.width} with channels_last crashes PyTorch's CPU kernels (fewer than 8 channels); "
+             "use --width 8 or more, or add --no-channels-last"),
             (not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
              "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),
             (self.schedule in ("constant", "onecycle", "cosine"),
