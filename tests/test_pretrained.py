@@ -235,7 +235,7 @@ def _checkpoint(path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
 
     net = create_model("resnet10", width=8, stem="small")
     meta = {"model": {"name": net.name, "options": net.options}, "classes": [str(i) for i in range(10)],
-            "input_shape": [1, 28, 28], "preprocessing": Preprocess(None, [0.0], [1.0]).config(), "recipe": {},
+            "input_shape": [1, 28, 28], "preprocessing": Preprocess(None, [0.0], [1.0]).config(), "dataset": "fashion-mnist", "recipe": {},
             "position": {"epoch": 0, "step": 0}, "sums": {}, "history": [], "optimizer": [], **changes}  # fmt: skip
     save_checkpoint(path, {f"model.{k}": v for k, v in net.state_dict().items()}, {k: v for k, v in meta.items() if k not in drop})
     return path
