@@ -361,6 +361,13 @@ def test_resume_refuses_a_folder_dataset_that_changed(tmp_path: Path, capsys: py
     assert "changed since the checkpoint (2 classes and 10 training images then, 2 and 11 now)" in capsys.readouterr().err
 
 
+def test_run_files_get_the_umask_mode_not_mkstemps_0600(tiny_run) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "last.safetensors"):
+        assert (tiny_run.run_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.CaptureFixture[str]) -> None:
     before = tiny_run.checkpoint.read_bytes()
     assert main(["train", "--out", str(tiny_run.run_dir), "--subset", "64", "--epochs", "1"]) == 2

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
-from resnetlab.fileio import fsync_dir
+from resnetlab.fileio import fsync_dir, umask_mode
 from resnetlab.onnx_runtime import EXPORT_NAME, META_CLASSES, META_INPUT_SHAPE, META_MODEL, require_onnx
 
 __all__ = ["export_onnx", "ExportResult", "run_export", "DEFAULT_OPSET", "MIN_OPSET", "TOLERANCE"]
@@ -267,9 +267,7 @@ def export_onnx(
             )
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is wrong for a file meant to be shipped
+        umask_mode(tmp)  # mkstemp's 0600 is wrong for a file meant to be shipped
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -30,3 +30,10 @@ def is_torch_save(head: bytes) -> bool:
     if head[8:9] == b"{":
         return False
     return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (always 0600) the mode ``open()`` would have: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from resnetlab.errors import CheckpointError
-from resnetlab.fileio import fsync_dir, is_torch_save
+from resnetlab.fileio import fsync_dir, is_torch_save, umask_mode
 
 CHECKPOINT_NAME = "last.safetensors"
 FORMAT_VERSION = 1
@@ -42,6 +42,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask_mode(tmp)  # run files are shared (eval by a teammate), like any file a program writes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
