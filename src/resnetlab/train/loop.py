@@ -463,6 +463,12 @@ def train(
         files.checkpointed = True
         dist.barrier()
 
+    def write_history() -> None:
+        """metrics.jsonl/.csv and curves.png from the finished epochs (rank 0)."""
+        write_metrics(run_dir, history)
+        if history:
+            plot_curves(run_dir / "curves.png", history, f"{recipe.model} on {recipe.dataset} ({recipe.name})")
+
     confusion = None
     show_bar = ctx.is_main and (progress if progress is not None else sys.stdout.isatty())
     with sigint_flag() as sigint, files:  # a failure before the first checkpoint removes what this run wrote
@@ -474,9 +480,7 @@ def train(
                 print(f"{run_dir} finished its {recipe.epochs} epochs; evaluating it again" if finished
                       else f"resuming {run_dir} at epoch {epoch + 1}, step {start_step}", flush=True)  # fmt: skip
                 # a kill between a checkpoint and the metrics written after it left them one epoch behind
-                write_metrics(run_dir, history)
-                if history:
-                    plot_curves(run_dir / "curves.png", history, f"{recipe.model} on {recipe.dataset} ({recipe.name})")
+                write_history()
             if not resumed or not (run_dir / "config.json").exists():  # a resume keeps the command and commit that started the run
                 write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
                                                      "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
@@ -567,8 +571,7 @@ def train(
             sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
             checkpoint(epoch, 0)
             if ctx.is_main:
-                write_metrics(run_dir, history)
-                plot_curves(run_dir / "curves.png", history, f"{recipe.model} on {recipe.dataset} ({recipe.name})")
+                write_history()
                 if not show_bar:
                     tested = f"test acc {test_acc:.3f}" if test_acc is not None else "test acc not measured (--eval-every)"
                     print(f"epoch {row['epoch']}/{recipe.epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
