@@ -710,6 +710,61 @@ def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
     assert (out / "last.safetensors").read_bytes() != before["last.safetensors"]
 
 
+def test_force_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpoint(tiny_run, tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # --force deleted the old run as the new one started: a new run that then failed left neither.
+    out = tmp_path / "runF"
+    before = _copy_run(tiny_run.run_dir, out)
+    real = loop_module.train_inputs
+    monkeypatch.setattr(loop_module, "train_inputs", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(NonFiniteLoss):
+        train("fast", out=out, force=True, **{**TINY, "epochs": 1})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no .previous-run left
+
+
+def test_force_refuses_a_folder_whose_config_json_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --force removed any config.json or metrics.csv it found: a user's own files in a folder that held no run.
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": 1}')
+    (out / "notes.txt").write_text("x")
+    assert main(["train", *TINY_FLAGS, "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--out {out} holds config.json but no resnetlab run" in err
+    assert (out / "config.json").read_text() == '{"mine": 1}'
+
+
+def test_a_force_run_killed_before_its_first_checkpoint_names_the_run_it_set_aside(tiny_run, tmp_path: Path,
+                                                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out = tmp_path / "runK"
+    before = _copy_run(tiny_run.run_dir, out / ".previous-run")  # what a SIGKILL between set-aside and checkpoint leaves
+    (out / "config.json").write_bytes(before["config.json"])
+    assert main(["train", *TINY_FLAGS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"holds no checkpoint to resume (the run it was replacing is in {out / '.previous-run'})" in err
+    train("fast", out=out, force=True, **{**TINY, "subset": 64, "epochs": 1})  # --force replaces that old run too
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default name has 1-second resolution, and both runs wrote into the one directory.
+    from datetime import datetime
+
+    from resnetlab.train import rundir
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN001, ANN206
+            return cls(2026, 12, 1, 6, 30, 0)
+
+    monkeypatch.setattr(rundir, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    first = train("fast", **{**TINY, "subset": 64, "epochs": 1}).run_dir
+    second = train("fast", **{**TINY, "subset": 64, "epochs": 1}).run_dir
+    assert (first, second) == (Path("runs/fast-20261201-063000"), Path("runs/fast-20261201-063000-2"))
+    assert (first / "last.safetensors").is_file() and (second / "last.safetensors").is_file()
+
+
 @pytest.mark.parametrize("flags", [["--out", "OTHER"], ["--force"], ["--out", "OTHER", "--force"], ["--init-from", "OTHER"]])
 def test_resume_refuses_out_and_force(flags: list[str], tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"

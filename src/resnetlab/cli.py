@@ -120,7 +120,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="look for datasets here first")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--force", action="store_true", help="replace the run in --out (its files are kept until the new run's first checkpoint)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also checkpoint every N steps")
     p.add_argument("--init-from", metavar="PATH", help="start from torchvision/timm ResNet weights")
     p.add_argument("--nproc", type=int, help="launch N processes on this machine with torchrun")

@@ -316,7 +316,7 @@ def train(
         recipe: a recipe name (``d2l``, ``fast``, ``best``) or a :class:`Recipe`.
         out: the run directory (default ``runs/<recipe>-<timestamp>``).
         resume: a run directory to continue where it stopped (no other overrides but ``device``).
-        force: overwrite an existing run directory.
+        force: replace the run in ``out`` (kept aside until the new run's first checkpoint).
         checkpoint_every: also checkpoint every N steps (0: at epoch ends only).
         data_root: look for the dataset here first.
         init_from: torchvision/timm ResNet weights to start from.
@@ -448,7 +448,7 @@ def train(
         "recipe": dataclasses.asdict(recipe),
         "world_size": ctx.world_size,
     }
-    files = RunFiles(run_dir, new=resumed is None)  # rank 0 creates the directory below
+    files = RunFiles(run_dir, new=resumed is None, unique=not out and resumed is None)  # rank 0 creates the directory below
 
     def checkpoint(at_epoch: int, at_step: int) -> None:
         """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
@@ -460,7 +460,7 @@ def train(
                             {**meta_static, "position": {"epoch": at_epoch, "step": at_step}, "sums": saved_sums,
                              "history": history, "optimizer": _optimizer_groups(optimizer),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None})  # fmt: skip
-        files.checkpointed = True
+        files.mark_checkpointed()
         dist.barrier()
 
     def write_history() -> None:
@@ -473,7 +473,7 @@ def train(
     show_bar = ctx.is_main and (progress if progress is not None else sys.stdout.isatty())
     with sigint_flag() as sigint, files:  # a failure before the first checkpoint removes what this run wrote
         if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
-            files.create()
+            run_dir = files.create()
             print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
             if resumed:
                 finished = epoch >= recipe.epochs
@@ -486,6 +486,7 @@ def train(
                                                      "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
                                                      "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
                                                      **environment(device)})  # fmt: skip
+        run_dir = Path(dist.broadcast_object(str(run_dir)))  # a default name may have become NAME-2 on rank 0
         while epoch < recipe.epochs:
             model.train()
             train_size = recipe.train_size(epoch)  # the test size, or smaller in early epochs (progressive resizing)

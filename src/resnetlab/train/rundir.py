@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -24,6 +26,7 @@ from resnetlab.train.checkpoint import CHECKPOINT_NAME, atomic_write_bytes
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
 RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json")
+PREVIOUS_RUN = ".previous-run"  # where the run that --force replaces waits for the new run's first checkpoint
 
 
 def _unusable(run_dir: Path, doing: str, err: OSError) -> UsageError:
@@ -31,26 +34,49 @@ def _unusable(run_dir: Path, doing: str, err: OSError) -> UsageError:
 
 
 def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Path:
-    """Choose the run directory (``--out``, else runs/RECIPE-TIMESTAMP) and check it may be used; nothing is written or removed yet."""
+    """Choose the run directory (``--out``, else runs/RECIPE-TIMESTAMP) and check it may be used; nothing is written or removed yet.
+
+    A default name is not checked here: :meth:`RunFiles.create` claims it, or ``NAME-2``, ``NAME-3``...
+    when another run (started in the same second) has it.
+    """
+    if not out:
+        return Path("runs") / f"{recipe_name}-{datetime.now():%Y%m%d-%H%M%S}"
     # normpath: `missing/../RUN` names RUN, but Path("missing/../RUN").is_dir() is False, which let an
     # existing run through this check and have its files removed as an old run's.
-    run_dir = Path(os.path.normpath(out)) if out else Path("runs") / f"{recipe_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(os.path.normpath(out))
     try:
         exists, is_dir = run_dir.exists(), run_dir.is_dir()
         has_files = is_dir and any(run_dir.iterdir())
+        is_run = has_files and _holds_a_run(run_dir)
+        ours = has_files and [n for n in RUN_FILES if os.path.lexists(run_dir / n)]
     except OSError as err:  # e.g. a name too long for the file system: pathlib raises instead of answering False
         raise _unusable(run_dir, "create", err) from None
     if exists and not is_dir:
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
+    if has_files and force and ours and not is_run:  # --force replaces a run, never a user's own config.json
+        raise UsageError(f"--out {run_dir} holds {', '.join(ours)} but no resnetlab run; --force replaces only a run's files: "
+                         "choose another --out")  # fmt: skip
     if has_files and not force:
         if not (run_dir / CHECKPOINT_NAME).is_file():  # e.g. a run killed (SIGKILL, power) before its first checkpoint
-            raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint to resume; "
+            aside = f" (the run it was replacing is in {run_dir / PREVIOUS_RUN})" if (run_dir / PREVIOUS_RUN).is_dir() else ""
+            raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint to resume{aside}; "
                              "use --force to overwrite it, or another --out")  # fmt: skip
         raise UsageError(
             f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
             "--force to overwrite it, or another --out"
         )
     return run_dir
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a resnetlab run: a checkpoint, or the config.json a run writes first."""
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        return True
+    try:
+        config = json.loads((run_dir / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("recipe"), dict) and "resnetlab" in config
 
 
 class RunFiles:
@@ -62,29 +88,68 @@ class RunFiles:
     without --force. As a context manager, a failure before the first checkpoint therefore removes
     the files this run wrote and the directories :meth:`create` made (a directory that existed
     stays, without the run's files). A run that has checkpointed keeps everything, for ``--resume``.
-    A killed process cannot clean up: then torchelastic's restart starts over from the config.json
-    (``dist.restarted_run``), and a user reuses the directory with --force.
+
+    --force: the old run's files wait in ``.previous-run/`` until the new run's first checkpoint,
+    then go; a new run that fails before it puts them back. A run killed in between cannot clean up:
+    the old run stays in ``.previous-run/`` (the "already exists" error names it), torchelastic's
+    restart starts over from the config.json (``dist.restarted_run``), and a user reuses the
+    directory with --force.
+
+    Args:
+        run_dir: the directory, from :func:`prepare_run_dir`.
+        new: a new run (not a resumed one).
+        unique: ``run_dir`` is a default name: take ``NAME-2``, ``NAME-3``... if it exists.
     """
 
-    def __init__(self, run_dir: Path, new: bool) -> None:
+    def __init__(self, run_dir: Path, new: bool, unique: bool = False) -> None:
         self.run_dir = run_dir
         self.new = new
+        self.unique = unique
         self.checkpointed = not new  # a resumed run has its checkpoint
         self._made: list[Path] | None = None  # what create() made, innermost first; None before create()
+        self._aside: Path | None = None  # where the run that --force replaces waits
 
-    def create(self) -> None:
-        """Make the directory; a new run then removes an old run's files (--force), now that it has passed its checks."""
+    def create(self) -> Path:
+        """Make (or claim) the directory and set an old run's files aside (--force), now that the run has passed its checks."""
         try:
-            missing = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            missing = [d for d in self.run_dir.parents if not d.exists()]
+            if self.unique:
+                self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                self.run_dir = _claim(self.run_dir)
+                missing.insert(0, self.run_dir)
+            else:
+                if not self.run_dir.exists():
+                    missing.insert(0, self.run_dir)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise _unusable(self.run_dir, "create", err) from None
         if self.new:
             try:
-                self._remove_run_files()
+                self._set_aside_old_run()
             except OSError as err:
                 raise _unusable(self.run_dir, "overwrite", err) from None
         self._made = missing  # only now: a failed create() leaves any old run's files to the user
+        return self.run_dir
+
+    def _set_aside_old_run(self) -> None:
+        old = [self.run_dir / n for n in RUN_FILES if os.path.lexists(self.run_dir / n)]
+        aside = self.run_dir / PREVIOUS_RUN
+        if aside.is_dir():  # a --force run was killed before its first checkpoint: the run it replaced stays aside
+            self._remove_run_files()
+        elif old:
+            aside.mkdir()
+            for path in old:
+                path.rename(aside / path.name)
+        else:
+            return
+        self._aside = aside
+
+    def mark_checkpointed(self) -> None:
+        """The run has its first checkpoint: it no longer needs the run it replaces."""
+        self.checkpointed = True
+        if self._aside is not None:
+            shutil.rmtree(self._aside, ignore_errors=True)
+            self._aside = None
 
     def _remove_run_files(self) -> None:
         for name in RUN_FILES:
@@ -100,8 +165,24 @@ class RunFiles:
         # that is not empty (something else was put there meanwhile), and keeps it.
         with contextlib.suppress(OSError):
             self._remove_run_files()
+            if self._aside is not None:
+                for path in self._aside.iterdir():
+                    path.rename(self.run_dir / path.name)
+                self._aside.rmdir()
             for d in self._made:
                 d.rmdir()
+
+
+def _claim(base: Path) -> Path:
+    """Make ``base``, or the first free ``base-2``, ``base-3``...: mkdir is atomic, so two runs never share one."""
+    for n in range(1, 1000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "999 runs of this name exist", str(base))
 
 
 def git_commit() -> str | None:
