@@ -429,3 +429,29 @@ def test_double_dash_still_ends_the_options(run_dir: Path, tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "--json", "--", "-run"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] > 0
+
+
+def test_options_may_come_before_a_double_dash_that_follows_positionals(run_dir: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # `predict RUN --topk 1 -- IMG` was "unrecognized arguments: -- IMG": "--" turned intermixed parsing off
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "dark.png")
+    assert main(["predict", str(run_dir), "--topk", "1", "--json", "--", str(tmp_path / "dark.png")]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(rows) == 1 and len(rows[0]["top"]) == 1
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--epochs", "x"], "resnetlab train: error: argument --epochs: invalid int value: 'x'; see resnetlab train --help"),
+    (["predict", "RUN", "--topk", "--", "1"], "resnetlab predict: error: argument --topk: expected one argument; see"),
+    (["bench", "train", "--steps", "x"], "resnetlab bench train: error: argument --steps: invalid int value: 'x'; see"),
+    ([], "resnetlab: error: the following arguments are required: COMMAND; see resnetlab --help"),
+])  # fmt: skip
+def test_a_usage_error_is_one_line_that_names_help(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # it was the whole usage block first (20 lines for train), then the error
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(says)

@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
 
 from resnetlab.errors import ResnetlabError
 
@@ -34,26 +34,48 @@ HANDLERS: dict[str, str] = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """Options may sit between positionals (`predict RUN --topk 1 a.png`), which plain parsing rejects.
+    """Options may sit between positionals (`predict RUN --topk 1 a.png`), which plain parsing rejects,
+    and a usage error is one line (the usage block of `train` is 20 lines), naming --help.
 
     Sub-commands parse with parse_known_intermixed_args; it refuses parsers holding sub-commands
-    themselves (nargs=PARSER), which parse as usual and hand the rest to theirs.
+    themselves (nargs=PARSER), which parse as usual and hand the rest to theirs. It also loses
+    "--" (after which positionals may start with a dash), so the words after "--" that start with a
+    dash go through it as placeholders that cannot look like options, and come back in the result.
     """
 
     _intermixing = False  # parse_known_intermixed_args calls parse_known_args itself (Python < 3.13)
+    _after_dashes: dict[str, str] = {}  # placeholder -> the word after "--" it stands for
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         given = sys.argv[1:] if args is None else list(args)
-        # "--" (positionals that start with a dash follow) is handled only by plain parsing
-        if self._intermixing or "--" in given or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
-            return super().parse_known_args(args, namespace)
+        if self._intermixing or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
+            return super().parse_known_args(given, namespace)
+        if "--" in given:
+            cut = given.index("--")
+            before = self._option_string_actions.get(given[cut - 1]) if cut else None
+            if before is not None and before.nargs != 0:  # `--topk -- 1`: the option's value is missing, as plain parsing says
+                return super().parse_known_args(given, namespace)
+            words = {i: word for i, word in enumerate(given[cut + 1 :]) if word.startswith("-")}
+            self._after_dashes = {f"resnetlab:word{i}:after--": word for i, word in words.items()}
+            given = given[:cut] + [f"resnetlab:word{i}:after--" if i in words else w for i, w in enumerate(given[cut + 1 :])]
         self._intermixing = True
         try:
-            return self.parse_known_intermixed_args(args, namespace)
+            parsed, extras = self.parse_known_intermixed_args(given, namespace)
         finally:
             self._intermixing = False
+        for name, value in vars(parsed).items():
+            if isinstance(value, list):
+                setattr(parsed, name, [self._after_dashes.get(v, v) if isinstance(v, str) else v for v in value])
+            elif isinstance(value, str):
+                setattr(parsed, name, self._after_dashes.get(value, value))
+        return parsed, [self._after_dashes.get(v, v) for v in extras]
+
+    def error(self, message: str) -> NoReturn:
+        for placeholder, word in self._after_dashes.items():
+            message = message.replace(placeholder, word)
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _add_summary(sub: argparse._SubParsersAction) -> None:
