@@ -553,6 +553,21 @@ def test_a_torchrun_worker_never_launches_torchrun_again(monkeypatch: pytest.Mon
     assert main(["train", "--npr", "2", "--out", "w"]) == 0 and launched == [2] and trained == ["w"]
 
 
+@pytest.mark.parametrize("flags, says", [(["--lr", "-1"], "lr must be > 0, not -1.0"),
+                                         (["--out", "OUT", "--resume", "OUT"], "--resume continues the run in OUT; drop --out")])  # fmt: skip
+def test_nproc_checks_the_flags_once_before_starting_any_worker(flags: list[str], says: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # every worker made the checks and printed the same error, then torchrun its own log lines
+    from resnetlab.train import commands
+
+    monkeypatch.setattr(commands, "_launch_torchrun", lambda n: pytest.fail("torchrun started"))
+    flags = [str(tmp_path) if f == "OUT" else f for f in flags]
+    assert main(["train", "--nproc", "2", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says.replace("OUT", str(tmp_path)) in err
+
+
 @pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--momentum", "--label-smoothing", "--warmup"])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_non_finite_float_flags_are_refused(flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

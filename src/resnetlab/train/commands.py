@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 
@@ -20,14 +21,18 @@ def run_train(args: argparse.Namespace) -> int:
     # not `if args.nproc`: --nproc 0 must be refused, not run as one process. A worker torchrun
     # started (RANK is set) trains: however --nproc was spelled (argparse takes --npr), it must never
     # launch torchrun again.
-    if args.nproc is not None and "RANK" not in os.environ:
-        return _launch_torchrun(args.nproc)
-    from resnetlab.train.loop import train
+    from resnetlab.train.loop import check_train_request, train
 
-    bound_glibc_heap()
     overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
-    train(args.recipe, out=args.out, resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every or 0,
-          data_root=args.data_root, init_from=args.init_from, **overrides)  # fmt: skip
+    request = dict(out=args.out, resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every or 0,
+                   init_from=args.init_from, **overrides)  # fmt: skip
+    if args.nproc is not None and "RANK" not in os.environ:
+        if args.nproc < 1:
+            raise UsageError(f"--nproc must be >= 1, not {args.nproc}")
+        check_train_request(args.recipe, world_size=args.nproc, **request)
+        return _launch_torchrun(args.nproc)
+    bound_glibc_heap()
+    train(args.recipe, data_root=args.data_root, **request)
     return 0
 
 
@@ -68,8 +73,6 @@ def _launch_torchrun(nproc: int) -> int:
     --standalone --nproc-per-node=N -m resnetlab ...`` would), so that the exit status is the first
     failed worker's own (2 for a usage error, 130 for Ctrl-C, 128+N for a signal), not torchrun's 1.
     """
-    if nproc < 1:
-        raise UsageError(f"--nproc must be >= 1, not {nproc}")
     argv = sys.argv[1:]
     rest, skip = [], False
     for i, a in enumerate(argv):  # drop --nproc N / --nproc=N, keep everything else as given
@@ -87,11 +90,18 @@ def _launch_torchrun(nproc: int) -> int:
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun logs how it stops the other workers after one fails ("Sending process N closing
+    # signal SIGTERM", "failed (exitcode: 2) local_rank: 0 ..."): the failed worker printed its
+    # own error already; only a worker killed by a signal, which printed nothing, is reported below.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "resnetlab", *rest]))
     except ChildFailedError as err:
-        code = err.get_first_failure()[1].exitcode
-        return code if code > 0 else 128 - code if code < 0 else 1  # a negative exit code is -signal
+        rank, failure = err.get_first_failure()
+        if failure.exitcode < 0:  # a negative exit code is -signal
+            print(f"resnetlab: error: process {rank} of {nproc} was killed by {failure.signal_name()}", file=sys.stderr)
+            return 128 - failure.exitcode
+        return failure.exitcode or 1
     except SignalException as err:
         return 128 + int(err.sigval)
     return 0

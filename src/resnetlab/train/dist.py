@@ -319,11 +319,11 @@ def restarted_run(out: str | os.PathLike | None) -> str | None:
     return "resume" if (run_dir / CHECKPOINT_NAME).is_file() else "restart"
 
 
-def check_world_size(saved: int | None, ctx: DistContext, run_dir: Path) -> None:
+def check_world_size(saved: int | None, world_size: int, run_dir: Path) -> None:
     """A run resumes only on the world size it was trained with (global batch, shards and lr depend on it)."""
-    if saved is not None and int(saved) != ctx.world_size:
+    if saved is not None and int(saved) != world_size:
         raise UsageError(
-            f"{run_dir} was trained by {saved} process(es) but this run has {ctx.world_size}; "
+            f"{run_dir} was trained by {saved} process(es) but this run has {world_size}; "
             f"resume it with {saved} (e.g. --nproc {saved}): the global batch, the data shards and "
             "--scale-lr depend on the world size"
         )

@@ -298,6 +298,43 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 # The run
 
 
+def _check_flags(out: str | Path | None, resume: str | Path | None, force: bool, checkpoint_every: int,
+                 init_from: str | None) -> None:  # fmt: skip
+    if checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, not {checkpoint_every}")
+    given = [flag for flag, on in (("--out", out is not None), ("--force", force), ("--init-from", init_from is not None)) if on]
+    if resume is not None and given:
+        raise UsageError(f"--resume continues the run in {resume}; drop {' and '.join(given)}")
+
+
+def _resumed_run(resume: str | Path, overrides: dict[str, Any]) -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]], Recipe]:
+    """The checkpoint of the run to resume, and its recipe as trained (only ``device`` may change)."""
+    tensors, meta = read_checkpoint(resume)
+    changed = {k: v for k, v in overrides.items() if v is not None and k != "device"}
+    if changed:
+        raise UsageError(f"--resume continues the run as it was; drop {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    recipe = dataclasses.replace(recipe_as_trained(meta["recipe"], meta), device=overrides.get("device") or meta["recipe"]["device"])
+    return (tensors, meta), recipe
+
+
+def check_train_request(recipe: str, *, world_size: int, out: str | None, resume: str | None, force: bool,
+                        checkpoint_every: int, init_from: str | None, **overrides: Any) -> None:  # fmt: skip
+    """The checks :func:`train` makes of its arguments before it loads data, without its side effects.
+
+    ``--nproc`` runs them once, in the launcher, so that a bad flag is one line before any worker
+    starts instead of one line per worker (every worker makes the same checks).
+    """
+    _check_flags(out, resume, force, checkpoint_every, init_from)
+    if resume is not None:
+        (_, meta), _ = _resumed_run(resume, overrides)
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        dist.check_world_size(meta.get("world_size"), world_size, run_dir)
+        return
+    get_recipe(recipe, **overrides)
+    if out:
+        prepare_run_dir(out, recipe, force)
+
+
 def train(
     recipe: str | Recipe = "fast",
     *,
@@ -323,12 +360,7 @@ def train(
         progress: show a progress bar (default: when stdout is a terminal).
         **overrides: recipe fields to change, e.g. ``epochs=2, batch_size=128``.
     """
-    if checkpoint_every < 0:
-        raise UsageError(f"--checkpoint-every must be >= 0, not {checkpoint_every}")
-    # the user's flags, checked before a torchelastic restart resumes --out (and keeps the weights it has)
-    given = [flag for flag, on in (("--out", out is not None), ("--force", force), ("--init-from", init_from is not None)) if on]
-    if resume is not None and given:
-        raise UsageError(f"--resume continues the run in {resume}; drop {' and '.join(given)}")
+    _check_flags(out, resume, force, checkpoint_every, init_from)  # before a torchelastic restart resumes --out
     resumed: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     restarted = dist.restarted_run(out) if resume is None else None  # torchelastic restarted this worker group
     if restarted == "resume":  # continue from the last checkpoint, as --resume would
@@ -336,14 +368,9 @@ def train(
     elif restarted == "restart":  # the failure came before the first checkpoint: start over
         force = True
     if resume is not None:
-        tensors, meta = read_checkpoint(resume)
-        changed = {k: v for k, v in overrides.items() if v is not None and k != "device"}
-        if changed:
-            raise UsageError(f"--resume continues the run as it was; drop {', '.join('--' + k.replace('_', '-') for k in changed)}")
-        recipe = dataclasses.replace(recipe_as_trained(meta["recipe"], meta), device=overrides.get("device") or meta["recipe"]["device"])
+        resumed, recipe = _resumed_run(resume, overrides)
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        data_root = data_root or meta.get("data_root")
-        resumed = (tensors, meta)
+        data_root = data_root or resumed[1].get("data_root")
     else:
         recipe = recipe.validate() if isinstance(recipe, Recipe) else get_recipe(recipe, **overrides)
         run_dir = None  # chosen once the rank is known: only rank 0 touches the file system
@@ -353,7 +380,7 @@ def train(
     if device.type == "cuda":  # fixed shapes: cuDNN times its kernels once and keeps the fastest (as timm's train.py)
         torch.backends.cudnn.benchmark = True
     if resumed:
-        dist.check_world_size(resumed[1].get("world_size"), ctx, run_dir)
+        dist.check_world_size(resumed[1].get("world_size"), ctx.world_size, run_dir)
     if run_dir is None:
         run_dir = prepare_run_dir(out, recipe.name, force) if ctx.is_main else Path(out or ".")
         run_dir = Path(dist.broadcast_object(str(run_dir)))
