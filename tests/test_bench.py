@@ -309,3 +309,14 @@ def test_accuracy_holds_script_runs_tiny(capsys: pytest.CaptureFixture[str], tin
     assert r["epochs"] == 1 and len(r["reference_history"]) == len(r["resnetlab_history"]) == len(r["control_history"]) == 1
     gap = r["gap_from_order_points"] + r["gap_from_pixels_points"]
     assert gap == pytest.approx(r["gap_points"], abs=2e-3)
+
+
+@pytest.mark.parametrize("argv", [["infer", "--resize", "300000", "--batch-sizes", "1"], ["train", "--resize", "30000"]])
+def test_bench_resize_larger_than_memory_is_refused_before_pil_fills_it(argv: list[str], tiny_folder: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # PIL allocates a resized image in blocks: --resize 300000 filled the machine's memory
+    t0 = time.perf_counter()
+    assert main(["bench", *argv, "--dataset", tiny_folder, *PEAKS]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resize {argv[2]} makes a batch of " in err and "choose a smaller --resize" in err
+    assert time.perf_counter() - t0 < 10  # before any matmul peak or model

@@ -42,4 +42,25 @@ def run_bench(args: argparse.Namespace) -> int:
     return int(getattr(importlib.import_module(module), func)(args) or 0)
 
 
-__all__ = ["run_bench"]
+def check_batch_fits(side: int, channels: int, batch: int) -> None:
+    """Refuse a ``--resize`` whose batch of float images alone exceeds the machine's memory.
+
+    torch refuses one such tensor itself (one line, from the CLI), but the chapter's reference
+    pipeline resizes with PIL, which allocates an image in blocks: a side of 300,000 filled this
+    machine's memory before anything failed.
+    """
+    import os
+
+    from resnetlab.errors import UsageError
+
+    need = batch * channels * side * side * 4
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX (Windows): torch's own refusal remains
+        return
+    if need > memory:
+        raise UsageError(f"--resize {side} makes a batch of {batch} image(s) {need / 2**30:,.1f} GiB as floats, more than "
+                         f"this machine's {memory / 2**30:,.1f} GiB of memory; choose a smaller --resize or batch")  # fmt: skip
+
+
+__all__ = ["check_batch_fits", "run_bench"]

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from resnetlab.bench import check_batch_fits
 from resnetlab.bench.machine import environment, num_threads, peaks, synchronize
 from resnetlab.bench.reference import chapter_transform, init_weights
 from resnetlab.data import Preprocess, load_dataset, to_float
@@ -60,10 +61,11 @@ def run_infer_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-sizes must be positive ints, not {args.batch_sizes!r}")
     say = (lambda *_: None) if args.json else (lambda m: print(m, flush=True))
     env = environment(device)
-    pk = peaks(device, args.peak_size, args.bf16_peak_size)
     _, test = load_dataset(args.dataset, root=args.data_root)
     c, h, w = test.images.shape[1:]
     size = args.resize or h
+    check_batch_fits(size, c, max(batch_sizes))
+    pk = peaks(device, args.peak_size, args.bf16_peak_size)
     torch.manual_seed(0)
     net = create_model(args.model, num_classes=len(test.classes), in_chans=c)
     net.apply(init_weights)
