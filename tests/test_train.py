@@ -69,8 +69,8 @@ def test_eval_every_tests_only_the_chosen_epochs_and_trains_the_same(tmp_path: P
     assert (tmp_path / "second" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize(("epochs", "sizes", "expected"), [(3, "16,20", [16, 20, 24]), (3, "12,16,20,22", [12, 16, 24]),
-                                                       (1, "16", [24]), (2, "none", [24, 24])])  # fmt: skip
+@pytest.mark.parametrize(("epochs", "sizes", "expected"), [(3, "16,20", [16, 20, 24]), (3, "12", [12, 24, 24]),
+                                                       (2, "none", [24, 24])])  # fmt: skip
 def test_progressive_sizes_train_the_early_epochs_smaller_and_the_last_at_the_test_size(
     epochs: int, sizes: str, expected: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -270,6 +270,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         (["--progressive-sizes", "16,x"], "progressive sizes must be none or a comma list"),
         (["--progressive-sizes", "20,2", "--model", "resnet18", "--stem", "imagenet"], "use --progressive-sizes sizes of 17 or more"),
         (["--progressive-sizes", str(2**31)], "progressive sizes must be none or a comma list of sizes in [1, 2**31 - 1]"),
+        (["--epochs", "2", "--progressive-sizes", "16,20"],  # 20 was dropped silently
+         "progressive sizes 16,20 name 2 early epoch(s), but with 2 epoch(s) only 1 train before the last (which trains at --resize)"),
         (["--resize", str(10**20)], "resize must be in [0, 2**31 - 1]"),
         (["--momentum", "0"], "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),
         (["--width", "4"], "width 4 with channels_last crashes PyTorch's CPU kernels (fewer than 8 channels); use --width 8"),
@@ -523,6 +525,17 @@ def _train_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], *flags: s
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and not out.exists()
     return err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--resume", "--init-from"])
+def test_an_empty_path_flag_is_refused(flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # `--out ''` trained into runs/RECIPE-TIMESTAMP and `--init-from ''` from scratch, silently
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--subset", "64", "--epochs", "1", flag, ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{flag} is empty; give a path, or leave {flag} out" in err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("device", ["meta", "xpu", "lazy", "cuda:x"])
@@ -780,7 +793,8 @@ def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path:
     assert (first / "last.safetensors").is_file() and (second / "last.safetensors").is_file()
 
 
-@pytest.mark.parametrize("flags", [["--out", "OTHER"], ["--force"], ["--out", "OTHER", "--force"], ["--init-from", "OTHER"]])
+@pytest.mark.parametrize("flags", [["--out", "OTHER"], ["--force"], ["--out", "OTHER", "--force"], ["--init-from", "OTHER"],
+                                   ["--recipe", "d2l"], ["--recipe", "fast"]])  # --recipe was ignored silently
 def test_resume_refuses_out_and_force(flags: list[str], tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     before = _copy_run(tiny_run.run_dir, run)

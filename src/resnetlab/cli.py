@@ -103,7 +103,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train a model with a recipe (default: fast)",
         description="Train with a recipe; every recipe field can be overridden by its flag.",
     )
-    p.add_argument("--recipe", default="fast", help="d2l, fast or best (default fast)")
+    p.add_argument("--recipe", help="d2l, fast or best (default fast)")
     # Recipe overrides: None means "keep the recipe's value".
     p.add_argument("--model")
     p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10 or folder:PATH")

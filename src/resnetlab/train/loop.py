@@ -298,11 +298,15 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 # The run
 
 
-def _check_flags(out: str | Path | None, resume: str | Path | None, force: bool, checkpoint_every: int,
-                 init_from: str | None) -> None:  # fmt: skip
+def _check_flags(recipe: str | Recipe | None, out: str | Path | None, resume: str | Path | None, force: bool,
+                 checkpoint_every: int, init_from: str | None) -> None:  # fmt: skip
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, not {checkpoint_every}")
-    given = [flag for flag, on in (("--out", out is not None), ("--force", force), ("--init-from", init_from is not None)) if on]
+    for flag, value in (("--out", out), ("--resume", resume), ("--init-from", init_from)):
+        if value is not None and not str(value).strip():  # '' was taken as "not given": --out '' wrote to runs/
+            raise UsageError(f"{flag} is empty; give a path, or leave {flag} out")
+    given = [flag for flag, on in (("--recipe", recipe is not None), ("--out", out is not None), ("--force", force),
+                                   ("--init-from", init_from is not None)) if on]  # fmt: skip
     if resume is not None and given:
         raise UsageError(f"--resume continues the run in {resume}; drop {' and '.join(given)}")
 
@@ -317,26 +321,27 @@ def _resumed_run(resume: str | Path, overrides: dict[str, Any]) -> tuple[tuple[d
     return (tensors, meta), recipe
 
 
-def check_train_request(recipe: str, *, world_size: int, out: str | None, resume: str | None, force: bool,
+def check_train_request(recipe: str | None, *, world_size: int, out: str | None, resume: str | None, force: bool,
                         checkpoint_every: int, init_from: str | None, **overrides: Any) -> None:  # fmt: skip
     """The checks :func:`train` makes of its arguments before it loads data, without its side effects.
 
     ``--nproc`` runs them once, in the launcher, so that a bad flag is one line before any worker
     starts instead of one line per worker (every worker makes the same checks).
     """
-    _check_flags(out, resume, force, checkpoint_every, init_from)
+    _check_flags(recipe, out, resume, force, checkpoint_every, init_from)
     if resume is not None:
         (_, meta), _ = _resumed_run(resume, overrides)
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         dist.check_world_size(meta.get("world_size"), world_size, run_dir)
         return
+    recipe = recipe or "fast"
     get_recipe(recipe, **overrides)
     if out:
         prepare_run_dir(out, recipe, force)
 
 
 def train(
-    recipe: str | Recipe = "fast",
+    recipe: str | Recipe | None = None,
     *,
     out: str | Path | None = None,
     resume: str | Path | None = None,
@@ -350,7 +355,8 @@ def train(
     """Train a model with a recipe; the Python twin of ``resnetlab train``.
 
     Args:
-        recipe: a recipe name (``d2l``, ``fast``, ``best``) or a :class:`Recipe`.
+        recipe: a recipe name (``d2l``, ``fast``, ``best``) or a :class:`Recipe`; default ``fast``
+            (none with ``resume``: a run continues with its own recipe).
         out: the run directory (default ``runs/<recipe>-<timestamp>``).
         resume: a run directory to continue where it stopped (no other overrides but ``device``).
         force: replace the run in ``out`` (kept aside until the new run's first checkpoint).
@@ -360,7 +366,7 @@ def train(
         progress: show a progress bar (default: when stdout is a terminal).
         **overrides: recipe fields to change, e.g. ``epochs=2, batch_size=128``.
     """
-    _check_flags(out, resume, force, checkpoint_every, init_from)  # before a torchelastic restart resumes --out
+    _check_flags(recipe, out, resume, force, checkpoint_every, init_from)  # before a torchelastic restart resumes --out
     resumed: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     restarted = dist.restarted_run(out) if resume is None else None  # torchelastic restarted this worker group
     if restarted == "resume":  # continue from the last checkpoint, as --resume would
@@ -372,7 +378,7 @@ def train(
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         data_root = data_root or resumed[1].get("data_root")
     else:
-        recipe = recipe.validate() if isinstance(recipe, Recipe) else get_recipe(recipe, **overrides)
+        recipe = recipe.validate() if isinstance(recipe, Recipe) else get_recipe(recipe or "fast", **overrides)
         run_dir = None  # chosen once the rank is known: only rank 0 touches the file system
 
     ctx = dist.setup(resolve_device(recipe.device))

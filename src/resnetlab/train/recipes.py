@@ -176,7 +176,11 @@ class Recipe:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        self.progressive()
+        sizes = self.progressive()
+        if len(sizes) >= self.epochs:  # the extra sizes were dropped silently
+            raise UsageError(f"progressive sizes {self.progressive_sizes} name {len(sizes)} early epoch(s), but with {self.epochs} "
+                             f"epoch(s) only {self.epochs - 1} train before the last (which trains at --resize); "
+                             "give fewer sizes or more --epochs")  # fmt: skip
         for aug in self.augmentations():
             if aug not in AUGMENTS:
                 raise UsageError(f"unknown augmentation {aug!r}; use none or a comma list of {', '.join(AUGMENTS)}")
