@@ -213,6 +213,18 @@ def test_folder_size_too_large_for_memory(tmp_path, capsys):
                        r"more than can be allocated; choose a smaller size with folder:PATH\?size=N")  # fmt: skip
 
 
+def test_folder_option_that_does_not_exist_is_named(tmp_path, capsys):
+    # it was "PATH?holdout=0.2&sed=1: no such directory": an unknown key made the whole query part of the path
+    _write_images(tmp_path / "f")
+    name = f"folder:{tmp_path / 'f'}?holdout=0.2&sed=1"
+    assert main(["data", "info", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"unknown folder option(s) sed in {name}; the options are size, channels, holdout, seed" in err
+    (tmp_path / "f?x=1").mkdir()  # a directory whose name has a "?" is still that directory
+    _write_images(tmp_path / "f?x=1")
+    assert main(["data", "info", f"folder:{tmp_path / 'f?x=1'}"]) == 0
+
+
 # ------------------------------------------------------------------------------------------ fuzzing
 
 # max_examples and randomness come from the profile (tests/conftest.py: fixed examples; `make fuzz`: new ones)

@@ -28,6 +28,7 @@ from resnetlab.images import to_mode
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 HOLDOUT_FRACTION = 0.1
+FOLDER_OPTIONS = ("size", "channels", "holdout", "seed")  # folder:PATH?size=32&channels=3&holdout=0.2&seed=1
 
 
 def read_folder(
@@ -186,9 +187,14 @@ def parse_folder_name(name: str) -> tuple[str, dict[str, str]]:
     if "?" in spec:
         base, _, query = spec.rpartition("?")
         pairs = [p.partition("=") for p in query.split("&") if p]
-        if pairs and all(sep and k in ("size", "channels", "holdout", "seed") for k, sep, _ in pairs):
+        if pairs and all(sep and k in FOLDER_OPTIONS for k, sep, _ in pairs):
             spec = base
             options = {k: v for k, _, v in pairs}
+        elif pairs and all(sep for _, sep, _ in pairs) and not Path(spec).is_dir() and Path(base).is_dir():
+            # a "?" may belong to a directory's name, but here only the part before it is one
+            unknown = ", ".join(k for k, _, _ in pairs if k not in FOLDER_OPTIONS)
+            raise UsageError(f"unknown folder option(s) {unknown} in {name}; the options are {', '.join(FOLDER_OPTIONS)}, "
+                             "e.g. folder:PATH?holdout=0.2&seed=1")  # fmt: skip
     if not spec:
         raise UsageError("folder: needs a path, e.g. folder:/data/flowers")
     return spec, options
