@@ -120,6 +120,24 @@ def test_other_architecture_is_a_clear_error(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # nothing half-loaded
 
 
+def test_weights_with_nan_are_refused_before_training(source, tmp_path, capsys):
+    # training from them stopped at step 0 with "loss is nan ... Lower --lr", which was not the cause
+    sd = {k: v.clone() for k, v in source.state_dict().items()}
+    sd["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(sd, path)
+    net = create_model("resnet18", num_classes=1000, in_chans=3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"holds non-finite \(NaN or inf\) weights in 1 tensor\(s\), e.g. layer2.0.conv1.weight"):
+        load_pretrained(net, path)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    out = tmp_path / "run"
+    assert main(["train", "--model", "resnet18", "--width", "64", "--stem", "imagenet", "--subset", "64", "--epochs", "1",
+                 "--init-from", str(path), "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "non-finite" in err and "--lr" not in err and not out.exists()
+
+
 def test_width_mismatch_names_the_files_width(weights):
     with pytest.raises(CheckpointError, match="width 64.*conv1.weight file \\(64, 3, 7, 7\\) vs model \\(8, 3, 7, 7\\)"):
         load_pretrained(create_model("resnet18", num_classes=1000, in_chans=3, width=8), weights["pth"])

@@ -284,6 +284,10 @@ def load_pretrained(model: nn.Module | str, path: str | os.PathLike, *, verbose:
             + "; ".join(parts) + ". Build the model that matches the file (model name, width, stem)"
         )
     sd = {k: v for k, v in sd.items() if k in target}
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # training from them fails at step 0 with "loss is nan ... lower --lr", which is not the cause
+        raise CheckpointError(f"{path} holds non-finite (NaN or inf) weights in {len(broken)} tensor(s), e.g. {broken[0]}; "
+                              "it is damaged: use other weights")  # fmt: skip
     with torch.no_grad():
         result = model.load_state_dict(sd, strict=False)
     left = [k for k in result.missing_keys if k not in optional and k not in report.reset]
