@@ -290,7 +290,7 @@ def _one_line_warnings() -> Iterator[None]:
 def _sigterm_unwinds(enabled: bool) -> Iterator[None]:
     """Turn SIGTERM (``timeout``, ``kill``, a job scheduler) into SystemExit(143), so that the
     ``finally``/``except`` blocks that remove temporary files (export, downloads) run. Not for
-    ``train``: a killed run keeps its last checkpoint, and torchelastic stops workers with SIGTERM."""
+    ``train``: it checkpoints at the next step itself (``loop.stop_flag``), except under torchrun."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return

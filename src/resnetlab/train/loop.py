@@ -32,9 +32,13 @@ from resnetlab.train.rundir import RunFiles, environment, plot_confusion, plot_c
 
 
 class TrainingInterrupted(ResnetlabError):
-    """Ctrl-C: the checkpoint was saved; the run can be resumed."""
+    """Ctrl-C (exit status 130) or SIGTERM (143): the checkpoint was saved; the run can be resumed."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class NonFiniteLoss(ResnetlabError):
@@ -261,23 +265,33 @@ def evaluate(classifier: Classifier, loader: BatchLoader, num_classes: int) -> t
 
 
 @contextmanager
-def sigint_flag() -> Iterator[dict[str, bool]]:
-    """Turn the first Ctrl-C into a flag the loop checks between steps (the second one aborts)."""
-    state = {"interrupted": False}
+def stop_flag(sigterm: bool) -> Iterator[dict[str, Any]]:
+    """Turn the first Ctrl-C (and SIGTERM when ``sigterm``) into a flag the loop checks between
+    steps, to checkpoint and stop there; a second signal aborts at once.
+
+    SIGTERM is what ``timeout``, ``kill`` and job schedulers (Slurm, Kubernetes) send before they
+    kill. Not under torchrun: torchelastic stops the other workers with SIGTERM when one fails and
+    restarts them from the last checkpoint, and a checkpoint then would wait on the failed worker.
+    """
+    state: dict[str, Any] = {"interrupted": False, "signal": None}
     if not _in_main_thread():
         yield state
         return
 
     def handler(signum: int, frame: Any) -> None:
         if state["interrupted"]:
-            raise KeyboardInterrupt
-        state["interrupted"] = True
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        state["interrupted"], state["signal"] = True, signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    signals = [signal.SIGINT, signal.SIGTERM] if sigterm else [signal.SIGINT]
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield state
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _in_main_thread() -> bool:
@@ -504,7 +518,7 @@ def train(
 
     confusion = None
     show_bar = ctx.is_main and (progress if progress is not None else sys.stdout.isatty())
-    with sigint_flag() as sigint, files:  # a failure before the first checkpoint removes what this run wrote
+    with stop_flag(sigterm=ctx.world_size == 1 and dist.job_id() is None) as stop, files:  # a failure before the first checkpoint removes what this run wrote
         if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
             run_dir = files.create()
             print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
@@ -564,18 +578,20 @@ def train(
                                     img_s=f"{done * ctx.world_size / max(elapsed, 1e-9):.0f}")  # fmt: skip
                 if bar is not None:
                     bar.update(1)
-                if sigint["interrupted"] or (checkpoint_every and (global_step + 1) % checkpoint_every == 0):
+                if stop["interrupted"] or (checkpoint_every and (global_step + 1) % checkpoint_every == 0):
                     compute_seconds = step_clock.take()  # first: it waits for the queued steps
                     _fold(sums, loss_sum, correct, count, time.perf_counter() - t_epoch, compute_seconds)
                     loss_sum.zero_(), correct.zero_()
                     count, t_epoch = 0, time.perf_counter()
                     checkpoint(epoch, step + 1)
-                    if sigint["interrupted"]:
+                    if stop["interrupted"]:
                         if bar is not None:
                             bar.close()
+                        how = "interrupted" if stop["signal"] == signal.SIGINT else "terminated (SIGTERM)"
                         raise TrainingInterrupted(
-                            f"interrupted at epoch {epoch + 1}, step {step + 1}; checkpoint saved, "
-                            f"continue with: resnetlab train --resume {run_dir}"
+                            f"{how} at epoch {epoch + 1}, step {step + 1}; checkpoint saved, "
+                            f"continue with: resnetlab train --resume {run_dir}",
+                            stop["signal"],
                         )
             if bar is not None:
                 bar.close()
