@@ -725,7 +725,7 @@ def test_a_run_directory_without_a_checkpoint_is_not_offered_for_resume(tmp_path
     # what a run killed before its first checkpoint leaves (SIGKILL cannot be caught to clean up)
     out = tmp_path / "killed"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"recipe": {"name": "fast"}, "resnetlab": "0.1.0"}')  # as a run writes it first
     assert main(["train", *TINY_FLAGS, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "holds no checkpoint to resume; use --force" in err and "--resume" not in err
@@ -735,17 +735,27 @@ def test_a_run_directory_without_a_checkpoint_is_not_offered_for_resume(tmp_path
 def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
     out = tmp_path / "runF"
     before = _copy_run(tiny_run.run_dir, out)
+    (out / "model.onnx").write_bytes(b"the old run's export")  # was left, as if exported from the new run
     train("fast", out=out, force=True, **{**TINY, "subset": 64, "epochs": 1})
     assert sorted(p.name for p in out.iterdir()) == sorted(before)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert (out / "last.safetensors").read_bytes() != before["last.safetensors"]
 
 
-def test_force_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpoint(tiny_run, tmp_path: Path,
+@pytest.mark.parametrize("stale_aside", [False, True])
+def test_force_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpoint(stale_aside: bool, tiny_run, tmp_path: Path,
                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     # --force deleted the old run as the new one started: a new run that then failed left neither.
     out = tmp_path / "runF"
-    before = _copy_run(tiny_run.run_dir, out)
+    (out / "model.onnx").parent.mkdir()
+    (out / "model.onnx").write_bytes(b"onnx")  # the old run's export goes and comes back with it
+    before = _copy_run(tiny_run.run_dir, out / "copy")
+    for name in before:
+        (out / "copy" / name).rename(out / name)
+    (out / "copy").rmdir()
+    before["model.onnx"] = b"onnx"
+    if stale_aside:  # left beside a finished run (a kill after a checkpoint, or emptied by hand): not "the old run"
+        (out / ".previous-run").mkdir()
     real = loop_module.train_inputs
     monkeypatch.setattr(loop_module, "train_inputs", lambda *a: real(*a) * float("nan"))
     with pytest.raises(NonFiniteLoss):
@@ -753,15 +763,28 @@ def test_force_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpo
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no .previous-run left
 
 
-def test_force_refuses_a_folder_whose_config_json_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # --force removed any config.json or metrics.csv it found: a user's own files in a folder that held no run.
+def test_resume_of_a_force_run_stopped_before_its_first_checkpoint_names_the_old_run(tiny_run, tmp_path: Path,
+                                                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out = tmp_path / "runK"
+    before = _copy_run(tiny_run.run_dir, out / ".previous-run")
+    (out / "config.json").write_bytes(before["config.json"])
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the run it was replacing is in {out / '.previous-run'}" in err
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_force_refuses_a_folder_whose_config_json_is_not_a_run(force: list[str], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # --force removed any config.json or metrics.csv it found: a user's own files in a folder that held no run;
+    # and without --force the error offered --force
     out = tmp_path / "project"
     out.mkdir()
     (out / "config.json").write_text('{"mine": 1}')
     (out / "notes.txt").write_text("x")
-    assert main(["train", *TINY_FLAGS, "--out", str(out), "--force"]) == 2
+    assert main(["train", *TINY_FLAGS, "--out", str(out), *force]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"--out {out} holds config.json but no resnetlab run" in err
+    assert "\n" not in err and f"--out {out} holds config.json but no resnetlab run" in err and "--force" not in err
     assert (out / "config.json").read_text() == '{"mine": 1}'
 
 

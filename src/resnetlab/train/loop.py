@@ -28,7 +28,7 @@ from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
 from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, load_weights, prefixed, read_checkpoint, save_checkpoint
 from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe, get_recipe, recipe_as_trained
-from resnetlab.train.rundir import RunFiles, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
+from resnetlab.train.rundir import PREVIOUS_RUN, RunFiles, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
 
 
 class TrainingInterrupted(ResnetlabError):
@@ -327,6 +327,10 @@ def _check_flags(recipe: str | Recipe | None, out: str | Path | None, resume: st
 
 def _resumed_run(resume: str | Path, overrides: dict[str, Any]) -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]], Recipe]:
     """The checkpoint of the run to resume, and its recipe as trained (only ``device`` may change)."""
+    aside = Path(resume) / PREVIOUS_RUN
+    if aside.is_dir() and not (Path(resume) / CHECKPOINT_NAME).exists():
+        raise UsageError(f"{resume} holds no checkpoint: a --force run was stopped before its first one; the run it was "
+                         f"replacing is in {aside} (move its files back to resume it)")  # fmt: skip
     tensors, meta = read_checkpoint(resume)
     changed = {k: v for k, v in overrides.items() if v is not None and k != "device"}
     if changed:

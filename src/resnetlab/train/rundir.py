@@ -13,19 +13,22 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from resnetlab.errors import UsageError
+from resnetlab.onnx_runtime import EXPORT_NAME
 from resnetlab.train.checkpoint import CHECKPOINT_NAME, atomic_write_bytes
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
 RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json")
+REPLACED_FILES = (*RUN_FILES, EXPORT_NAME)  # what --force replaces: the run's files and its exported model
 PREVIOUS_RUN = ".previous-run"  # where the run that --force replaces waits for the new run's first checkpoint
 
 
@@ -53,9 +56,9 @@ def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Pa
         raise _unusable(run_dir, "create", err) from None
     if exists and not is_dir:
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
-    if has_files and force and ours and not is_run:  # --force replaces a run, never a user's own config.json
-        raise UsageError(f"--out {run_dir} holds {', '.join(ours)} but no resnetlab run; --force replaces only a run's files: "
-                         "choose another --out")  # fmt: skip
+    if has_files and ours and not is_run:  # --force replaces a run, never a user's own config.json
+        raise UsageError(f"--out {run_dir} holds {', '.join(ours)} but no resnetlab run, and resnetlab does not overwrite "
+                         "files it did not write; choose another --out")  # fmt: skip
     if has_files and not force:
         if not (run_dir / CHECKPOINT_NAME).is_file():  # e.g. a run killed (SIGKILL, power) before its first checkpoint
             aside = f" (the run it was replacing is in {run_dir / PREVIOUS_RUN})" if (run_dir / PREVIOUS_RUN).is_dir() else ""
@@ -89,11 +92,13 @@ class RunFiles:
     the files this run wrote and the directories :meth:`create` made (a directory that existed
     stays, without the run's files). A run that has checkpointed keeps everything, for ``--resume``.
 
-    --force: the old run's files wait in ``.previous-run/`` until the new run's first checkpoint,
-    then go; a new run that fails before it puts them back. A run killed in between cannot clean up:
-    the old run stays in ``.previous-run/`` (the "already exists" error names it), torchelastic's
-    restart starts over from the config.json (``dist.restarted_run``), and a user reuses the
-    directory with --force.
+    --force: the old run's files (and its model.onnx) wait in ``.previous-run/`` until the new
+    run's first checkpoint, then go; a new run that fails before it puts them back. A run killed in
+    between cannot clean up: the old run stays in ``.previous-run/`` (the "already exists" and
+    --resume errors name it), torchelastic's restart starts over from the config.json
+    (``dist.restarted_run``), and a user reuses the directory with --force, which keeps that old run
+    aside. A ``.previous-run/`` beside a checkpoint, or empty, is stale (its replacement
+    checkpointed): --force and --resume remove it.
 
     Args:
         run_dir: the directory, from :func:`prepare_run_dir`.
@@ -128,20 +133,27 @@ class RunFiles:
                 self._set_aside_old_run()
             except OSError as err:
                 raise _unusable(self.run_dir, "overwrite", err) from None
+        elif (self.run_dir / PREVIOUS_RUN).is_dir():  # stale: the resumed run checkpointed after it replaced that run
+            self._aside = self.run_dir / PREVIOUS_RUN
         self._made = missing  # only now: a failed create() leaves any old run's files to the user
         return self.run_dir
 
     def _set_aside_old_run(self) -> None:
-        old = [self.run_dir / n for n in RUN_FILES if os.path.lexists(self.run_dir / n)]
         aside = self.run_dir / PREVIOUS_RUN
+        if aside.is_dir() and ((self.run_dir / CHECKPOINT_NAME).exists() or not any(aside.iterdir())):
+            # stale: the run that replaced it checkpointed (and was killed before removing it), or it
+            # was emptied by hand; the run to replace now is the one in run_dir
+            shutil.rmtree(aside)
         if aside.is_dir():  # a --force run was killed before its first checkpoint: the run it replaced stays aside
             self._remove_run_files()
-        elif old:
-            aside.mkdir()
-            for path in old:
-                path.rename(aside / path.name)
         else:
-            return
+            old = [self.run_dir / n for n in REPLACED_FILES if os.path.lexists(self.run_dir / n)]
+            if not old:
+                return
+            aside.mkdir()
+            with _signals_blocked():  # a second Ctrl-C must not split the old run between two folders
+                for path in old:
+                    path.rename(aside / path.name)
         self._aside = aside
 
     def mark_checkpointed(self) -> None:
@@ -152,7 +164,7 @@ class RunFiles:
             self._aside = None
 
     def _remove_run_files(self) -> None:
-        for name in RUN_FILES:
+        for name in REPLACED_FILES:
             (self.run_dir / name).unlink(missing_ok=True)
 
     def __enter__(self) -> "RunFiles":
@@ -166,11 +178,25 @@ class RunFiles:
         with contextlib.suppress(OSError):
             self._remove_run_files()
             if self._aside is not None:
-                for path in self._aside.iterdir():
-                    path.rename(self.run_dir / path.name)
+                with _signals_blocked():
+                    for path in self._aside.iterdir():
+                        path.rename(self.run_dir / path.name)
                 self._aside.rmdir()
             for d in self._made:
                 d.rmdir()
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM (delivered on exit) while a few renames must all happen."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _claim(base: Path) -> Path:
