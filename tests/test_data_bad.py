@@ -220,6 +220,11 @@ def test_folder_option_that_does_not_exist_is_named(tmp_path, capsys):
     assert main(["data", "info", name]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"unknown folder option(s) sed in {name}; the options are size, channels, holdout, seed" in err
+    long = f"folder:{tmp_path / ('x' * 300)}"  # a name too long for the file system: a traceback from pathlib
+    for name in (long, f"{long}?sed=1"):
+        assert main(["data", "info", name]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "File name too long; give the image folder's path" in err
     (tmp_path / "f?x=1").mkdir()  # a directory whose name has a "?" is still that directory
     _write_images(tmp_path / "f?x=1")
     assert main(["data", "info", f"folder:{tmp_path / 'f?x=1'}"]) == 0

@@ -445,6 +445,9 @@ def test_options_may_come_before_a_double_dash_that_follows_positionals(run_dir:
 @pytest.mark.parametrize("argv, says", [
     (["train", "--epochs", "x"], "resnetlab train: error: argument --epochs: invalid int value: 'x'; see resnetlab train --help"),
     (["predict", "RUN", "--topk", "--", "1"], "resnetlab predict: error: argument --topk: expected one argument; see"),
+    (["predict", "RUN", "--top", "--", "1"], "resnetlab predict: error: argument --topk: expected one argument; see"),
+    (["bench", "time-to-accuracy", "--seeds", "1", "3"],
+     "resnetlab bench time-to-accuracy: error: unrecognized arguments: 3; see resnetlab bench time-to-accuracy --help"),
     (["bench", "train", "--steps", "x"], "resnetlab bench train: error: argument --steps: invalid int value: 'x'; see"),
     ([], "resnetlab: error: the following arguments are required: COMMAND; see resnetlab --help"),
 ])  # fmt: skip
@@ -455,3 +458,28 @@ def test_a_usage_error_is_one_line_that_names_help(argv: list[str], says: str, c
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(says)
+
+
+def test_torchrun_workers_report_what_every_rank_says_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Ctrl-C under --nproc N printed the same "interrupted ..." line N times; a worker whose peer died printed a
+    # 20-line gloo traceback
+    import signal as signals
+
+    import torch.distributed
+
+    from resnetlab import cli
+    from resnetlab.train.loop import TrainingInterrupted
+
+    def interrupted(args):  # noqa: ANN001, ANN202
+        raise TrainingInterrupted("interrupted at epoch 1, step 3; checkpoint saved", signals.SIGINT)
+
+    def lost(args):  # noqa: ANN001, ANN202
+        raise torch.distributed.DistBackendError("[../gloo/transport/tcp/pair.cc:538] Connection closed by peer\nmore")
+
+    for rank, handler, code, says in [("1", interrupted, 130, ""), ("0", interrupted, 130, "resnetlab: error: interrupted at epoch 1"),
+                                      ("1", lost, 1, "resnetlab: error: process 1 lost the other processes ([../gloo")]:  # fmt: skip
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(cli, "_handler", lambda command, handler=handler: handler)
+        assert cli.main(["models"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith(says) and err.count("\n") == (1 if says else 0)

@@ -570,7 +570,9 @@ def test_a_torchrun_worker_never_launches_torchrun_again(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("flags, says", [(["--lr", "-1"], "lr must be > 0, not -1.0"),
-                                         (["--out", "OUT", "--resume", "OUT"], "--resume continues the run in OUT; drop --out")])  # fmt: skip
+                                         (["--out", "OUT", "--resume", "OUT"], "--resume continues the run in OUT; drop --out"),
+                                         (["--precision", "fp16", "--device", "cpu"], "fp16 training needs a GPU"),
+                                         (["--init-from", "OUT/none.pth"], "no weights file at OUT/none.pth")])  # fmt: skip
 def test_nproc_checks_the_flags_once_before_starting_any_worker(flags: list[str], says: str, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
@@ -578,7 +580,7 @@ def test_nproc_checks_the_flags_once_before_starting_any_worker(flags: list[str]
     from resnetlab.train import commands
 
     monkeypatch.setattr(commands, "_launch_torchrun", lambda n: pytest.fail("torchrun started"))
-    flags = [str(tmp_path) if f == "OUT" else f for f in flags]
+    flags = [f.replace("OUT", str(tmp_path)) for f in flags]
     assert main(["train", "--nproc", "2", *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says.replace("OUT", str(tmp_path)) in err

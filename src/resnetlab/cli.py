@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import re
 import signal
 import sys
@@ -54,8 +55,7 @@ class _Parser(argparse.ArgumentParser):
             return super().parse_known_args(given, namespace)
         if "--" in given:
             cut = given.index("--")
-            before = self._option_string_actions.get(given[cut - 1]) if cut else None
-            if before is not None and before.nargs != 0:  # `--topk -- 1`: the option's value is missing, as plain parsing says
+            if cut and self._wants_a_value(given[cut - 1]):  # `--topk -- 1`: its value is missing, as plain parsing says
                 return super().parse_known_args(given, namespace)
             words = {i: word for i, word in enumerate(given[cut + 1 :]) if word.startswith("-")}
             self._after_dashes = {f"resnetlab:word{i}:after--": word for i, word in words.items()}
@@ -71,6 +71,24 @@ class _Parser(argparse.ArgumentParser):
             elif isinstance(value, str):
                 setattr(parsed, name, self._after_dashes.get(value, value))
         return parsed, [self._after_dashes.get(v, v) for v in extras]
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # named here, where the sub-command is known: its --help is the one that lists its flags
+            prog = " ".join(p for p in (self.prog, getattr(parsed, "command", None), getattr(parsed, "bench", None)) if p)
+            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)}; see {prog} --help\n")
+        return parsed
+
+    def _wants_a_value(self, word: str) -> bool:
+        """Whether ``word`` is an option (or an abbreviation of one, as argparse allows) still waiting for its value."""
+        if not word.startswith("-") or "=" in word:
+            return False
+        found = self._parse_optional(word)  # (action, ...) before Python 3.12.7, a list of them since; None: a positional
+        if isinstance(found, list):
+            found = found[0] if len(found) == 1 else None
+        return bool(found) and found[0] is not None and found[0].nargs != 0
 
     def error(self, message: str) -> NoReturn:
         for placeholder, word in self._after_dashes.items():
@@ -243,9 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _one_line_warnings(), _sigterm_unwinds(args.command != "train"):
             return int(_handler(args.command)(args) or 0)
     except ResnetlabError as err:
-        print(f"resnetlab: error: {err}", file=sys.stderr)
+        if not (err.said_by_rank_zero and os.environ.get("RANK", "0") != "0"):
+            print(f"resnetlab: error: {err}", file=sys.stderr)
         return err.exit_code
     except (MemoryError, RuntimeError) as err:
+        if _lost_peers(err):  # a torchrun worker whose peer died: the launcher names that one
+            print(f"resnetlab: error: process {os.environ.get('RANK')} lost the other processes "
+                  f"({(str(err).strip().splitlines() or [type(err).__name__])[0]})", file=sys.stderr)  # fmt: skip
+            return 1
         if not isinstance(err, MemoryError) and not _TOO_LARGE.search(str(err)):
             raise
         print(f"resnetlab: error: {_too_large(err, args)}", file=sys.stderr)
@@ -320,6 +343,12 @@ _TOO_LARGE = re.compile(r"can't allocate memory|out of memory|Storage size calcu
 # Options that size tensors: a bound on each would be arbitrary, so the allocation failure names them instead.
 _SIZE_OPTIONS = ("input", "width", "resize", "progressive_sizes", "batch_size", "eval_batch_size", "batch_sizes", "lever_batch_size",
                  "peak_size", "bf16_peak_size")  # fmt: skip
+
+
+def _lost_peers(err: BaseException) -> bool:
+    """Whether ``err`` is torch.distributed failing to reach the other workers (one of them died)."""
+    dist = sys.modules.get("torch.distributed")
+    return "RANK" in os.environ and dist is not None and isinstance(err, getattr(dist, "DistError", ()))
 
 
 def _too_large(err: BaseException, args: argparse.Namespace) -> str:

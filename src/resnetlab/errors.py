@@ -12,6 +12,8 @@ class ResnetlabError(Exception):
     """Base class: a problem with the user's input, reported as one line."""
 
     exit_code = 2
+    # Raised by every torchrun worker with the same message (a signal reaches them all): only rank 0 prints it.
+    said_by_rank_zero = False
 
 
 class UsageError(ResnetlabError, ValueError):

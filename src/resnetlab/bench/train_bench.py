@@ -52,7 +52,7 @@ def run_train_bench(args: argparse.Namespace) -> int:
     train, _ = load_dataset(args.dataset, root=args.data_root)
     c, h, _w = train.images.shape[1:]
     size = args.resize or h
-    check_batch_fits(size, c, max(batch, args.lever_batch_size))
+    check_batch_fits(size, c, max(batch, args.lever_batch_size if levers else 1))
 
     pk = peaks(device, args.peak_size, args.bf16_peak_size)
     say(f"matmul peaks: fp32 {pk['fp32_peak_gflops']:.1f} GFLOP/s ({args.peak_size}^2), "

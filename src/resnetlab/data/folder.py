@@ -45,7 +45,11 @@ def read_folder(
     size = _size(image_size)
     if not 0.0 <= holdout < 1.0:
         raise UsageError(f"holdout must be in [0, 1), not {holdout!r}")
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as err:  # e.g. a name longer than the file system allows: pathlib raises instead of answering False
+        raise DataError(f"{path}: {err.strerror or err}; give the image folder's path") from None
+    if not is_dir:
         raise DataError(f"{path}: no such directory")
     split_dirs = {}
     for name in ("train", "test", "val"):
@@ -180,6 +184,13 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long to be one
+        return False
+
+
 def parse_folder_name(name: str) -> tuple[str, dict[str, str]]:
     """Split ``folder:PATH?size=32&channels=3`` into PATH and its options."""
     spec = name[len("folder:") :]
@@ -190,7 +201,7 @@ def parse_folder_name(name: str) -> tuple[str, dict[str, str]]:
         if pairs and all(sep and k in FOLDER_OPTIONS for k, sep, _ in pairs):
             spec = base
             options = {k: v for k, _, v in pairs}
-        elif pairs and all(sep for _, sep, _ in pairs) and not Path(spec).is_dir() and Path(base).is_dir():
+        elif pairs and all(sep for _, sep, _ in pairs) and not _is_dir(Path(spec)) and _is_dir(Path(base)):
             # a "?" may belong to a directory's name, but here only the part before it is one
             unknown = ", ".join(k for k, _, _ in pairs if k not in FOLDER_OPTIONS)
             raise UsageError(f"unknown folder option(s) {unknown} in {name}; the options are {', '.join(FOLDER_OPTIONS)}, "

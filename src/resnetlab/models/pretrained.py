@@ -66,11 +66,17 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A torch.save or safetensors weights file -> a flat state dict of CPU tensors (never unpickles code)."""
+def weights_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is a file, else a CheckpointError saying what to give."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"no weights file at {p}; give a torchvision/timm .pth, .pt or .safetensors file")
+    return p
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A torch.save or safetensors weights file -> a flat state dict of CPU tensors (never unpickles code)."""
+    p = weights_file(path)
     with open(p, "rb") as f:
         head = f.read(16)
     obj = _read_torch(p) if is_torch_save(head) else _read_safetensors(p)

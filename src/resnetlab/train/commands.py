@@ -93,7 +93,10 @@ def _launch_torchrun(nproc: int) -> int:
     # torchrun logs how it stops the other workers after one fails ("Sending process N closing
     # signal SIGTERM", "failed (exitcode: 2) local_rank: 0 ..."): the failed worker printed its
     # own error already; only a worker killed by a signal, which printed nothing, is reported below.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # torch's get_logger gives each of its loggers its own level, so the parent's level is not enough.
+    for name in ["torch.distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "resnetlab", *rest]))
     except ChildFailedError as err:

@@ -35,6 +35,7 @@ class TrainingInterrupted(ResnetlabError):
     """Ctrl-C (exit status 130) or SIGTERM (143): the checkpoint was saved; the run can be resumed."""
 
     exit_code = 130
+    said_by_rank_zero = True
 
     def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
         super().__init__(message)
@@ -348,14 +349,18 @@ def check_train_request(recipe: str | None, *, world_size: int, out: str | None,
     """
     _check_flags(recipe, out, resume, force, checkpoint_every, init_from)
     if resume is not None:
-        (_, meta), _ = _resumed_run(resume, overrides)
+        (_, meta), checked = _resumed_run(resume, overrides)
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         dist.check_world_size(meta.get("world_size"), world_size, run_dir)
-        return
-    recipe = recipe or "fast"
-    get_recipe(recipe, **overrides)
-    if out:
-        prepare_run_dir(out, recipe, force)
+    else:
+        checked = get_recipe(recipe or "fast", **overrides)
+        if out:
+            prepare_run_dir(out, checked.name, force)
+        if init_from:
+            from resnetlab.models.pretrained import weights_file
+
+            weights_file(init_from)
+    resolve_precision(checked.precision, resolve_device(checked.device))
 
 
 def train(
