@@ -4,6 +4,7 @@ the reference loop's faithfulness to the D2L chapter."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import time
 from pathlib import Path
@@ -247,6 +248,8 @@ def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -
     (["train", "--lever-steps", "0", "--levers", "all"], "--lever-steps must be >= 1, not 0"),
     (["train", "--steps", "0"], "--steps must be >= 1, not 0"),
     (["train", "--workers", "-1"], "--workers must be >= 0, not -1"),
+    (["train", "--workers", "100000"],  # started 100,000 DataLoader processes of ~350 MB each
+     f"--workers 100000 would start 100000 processes on {os.cpu_count()} CPUs; use at most {4 * os.cpu_count()} (the chapter uses 4)"),
     (["infer", "--small-reps", "0"], "--small-reps must be >= 1, not 0"),
     (["infer", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
     (["time-to-accuracy", "--seeds", "0"], "--seeds must be >= 1, not 0"),

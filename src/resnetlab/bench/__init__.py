@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 _COMMANDS = {
     "train": "resnetlab.bench.train_bench:run_train_bench",
@@ -34,6 +35,11 @@ def run_bench(args: argparse.Namespace) -> int:
         value = getattr(args, name, None)  # None: not a flag of this command, or --block left to the device
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, not {value}")
+    workers = getattr(args, "workers", None)
+    most = 4 * (os.cpu_count() or 1)  # each is a process with its own copy of torch (~350 MB): more cannot help
+    if workers is not None and workers > most:
+        raise UsageError(f"--workers {workers} would start {workers} processes on {os.cpu_count()} CPUs; use at most {most} "
+                         "(the chapter uses 4)")  # fmt: skip
     if getattr(args, "threads", None) is not None:
         import torch
 
