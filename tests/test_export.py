@@ -159,6 +159,20 @@ def test_out_that_is_the_checkpoint_is_refused_and_the_checkpoint_kept(run_dir, 
     assert (run_dir / "config.json").read_bytes() == config
 
 
+def test_out_that_is_any_other_existing_file_is_refused(run_dir, tmp_path, capsys):
+    # another run's checkpoint, or a user's notes, were replaced by the ONNX bytes
+    _needs_onnx()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["export", str(run_dir), "--out", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {notes} exists and is not an .onnx file; export replaces only an earlier export" in err
+    assert notes.read_text() == "mine"
+    again = tmp_path / "m.onnx"  # an earlier export is replaced, as re-exporting expects
+    assert main(["export", str(run_dir), "--out", str(again)]) == 0
+    assert main(["export", str(run_dir), "--out", str(again)]) == 0
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_out_that_is_a_fifo_is_refused_not_replaced(run_dir, tmp_path, capsys):
     fifo = tmp_path / "pipe"

@@ -247,6 +247,9 @@ def export_onnx(
     if dest.name in RUN_FILES and dest.exists() and os.path.samefile(dest.parent, ckpt.parent):
         raise UsageError(f"--out {given} is a file of the run being exported ({dest.name}) and would be lost; "
                          f"give another file such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
+    if dest.exists() and dest.suffix.lower() != ".onnx":  # another run's checkpoint, a user's notes...
+        raise UsageError(f"--out {named} exists and is not an .onnx file; export replaces only an earlier export: "
+                         f"give a new file name or an .onnx file, such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
     classifier = load_checkpoint(ckpt)
     notes = []
     if classifier.precision != "fp32":
