@@ -239,6 +239,22 @@ def test_ctrl_c_and_sigterm_save_and_exit_128_plus_the_signal(signum: int, says:
     assert meta["position"]["epoch"] == 1 and meta["position"]["step"] > 0  # saved at the signal, not at the epoch's end
 
 
+def test_ctrl_c_before_a_force_runs_first_checkpoint_puts_the_old_run_back(tiny_run, tmp_path: Path) -> None:
+    # the interrupt's checkpoint counted as the first one, and a mistaken --force stopped at once lost the old run
+    out = tmp_path / "run"
+    before = _copy_run(tiny_run.run_dir, out)
+    proc = subprocess.Popen(_train_cmd(out, "--force", "--subset", "2048"), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while "training on" not in (line := proc.stdout.readline()):
+        assert line, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"before this run's first checkpoint; {out} holds the run it was replacing again" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = loop_module.train_inputs
     calls = {"n": 0}
@@ -773,6 +789,19 @@ def test_resume_of_a_force_run_stopped_before_its_first_checkpoint_names_the_old
     assert main(["train", "--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"the run it was replacing is in {out / '.previous-run'}" in err
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_folder_of_other_files_is_refused_even_with_force(force: list[str], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # --force wrote a run's files into any folder without a config.json (as root, even /)
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    assert main(["train", *TINY_FLAGS, "--out", str(out), *force]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--out {out} holds files but no resnetlab run; a run needs a new or empty folder" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])

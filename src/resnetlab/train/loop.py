@@ -295,6 +295,10 @@ def stop_flag(sigterm: bool) -> Iterator[dict[str, Any]]:
             signal.signal(s, h)
 
 
+def _stopped(stop: dict[str, Any]) -> str:
+    return "interrupted" if stop["signal"] == signal.SIGINT else "terminated (SIGTERM)"
+
+
 def _in_main_thread() -> bool:
     import threading
 
@@ -505,6 +509,7 @@ def train(
         "world_size": ctx.world_size,
     }
     files = RunFiles(run_dir, new=resumed is None, unique=not out and resumed is None)  # rank 0 creates the directory below
+    replacing = [False]  # an old run waits aside (--force) until this run's first checkpoint
 
     def checkpoint(at_epoch: int, at_step: int) -> None:
         """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
@@ -517,6 +522,7 @@ def train(
                              "history": history, "optimizer": _optimizer_groups(optimizer),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None})  # fmt: skip
         files.mark_checkpointed()
+        replacing[0] = False
         dist.barrier()
 
     def write_history() -> None:
@@ -542,7 +548,8 @@ def train(
                                                      "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
                                                      "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
                                                      **environment(device)})  # fmt: skip
-        run_dir = Path(dist.broadcast_object(str(run_dir)))  # a default name may have become NAME-2 on rank 0
+        # a default name may have become NAME-2 on rank 0, which alone knows of an old run set aside
+        run_dir, replacing[0] = dist.broadcast_object((run_dir, files.replacing))
         while epoch < recipe.epochs:
             model.train()
             train_size = recipe.train_size(epoch)  # the test size, or smaller in early epochs (progressive resizing)
@@ -587,6 +594,10 @@ def train(
                                     img_s=f"{done * ctx.world_size / max(elapsed, 1e-9):.0f}")  # fmt: skip
                 if bar is not None:
                     bar.update(1)
+                if stop["interrupted"] and replacing[0]:  # stopping a --force run early: the old run comes back
+                    raise TrainingInterrupted(
+                        f"{_stopped(stop)} at epoch {epoch + 1}, step {step + 1}, before this run's first checkpoint; "
+                        f"{run_dir} holds the run it was replacing again", stop["signal"])  # fmt: skip
                 if stop["interrupted"] or (checkpoint_every and (global_step + 1) % checkpoint_every == 0):
                     compute_seconds = step_clock.take()  # first: it waits for the queued steps
                     _fold(sums, loss_sum, correct, count, time.perf_counter() - t_epoch, compute_seconds)
@@ -596,10 +607,10 @@ def train(
                     if stop["interrupted"]:
                         if bar is not None:
                             bar.close()
-                        how = "interrupted" if stop["signal"] == signal.SIGINT else "terminated (SIGTERM)"
                         raise TrainingInterrupted(
-                            f"{how} at epoch {epoch + 1}, step {step + 1}; checkpoint saved, "
-                            f"continue with: resnetlab train --resume {run_dir}",
+                            f"{_stopped(stop)} at epoch {epoch + 1}, step {step + 1}; checkpoint saved, "
+                            f"continue with: resnetlab train --resume {run_dir}"
+                            + (f" --nproc {ctx.world_size}" if ctx.world_size > 1 else ""),
                             stop["signal"],
                         )
             if bar is not None:

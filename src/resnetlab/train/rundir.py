@@ -59,6 +59,9 @@ def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Pa
     if has_files and ours and not is_run:  # --force replaces a run, never a user's own config.json
         raise UsageError(f"--out {run_dir} holds {', '.join(ours)} but no resnetlab run, and resnetlab does not overwrite "
                          "files it did not write; choose another --out")  # fmt: skip
+    if has_files and not is_run:  # a user's folder (as root, even /): a run goes into a new or empty one
+        raise UsageError(f"--out {run_dir} holds files but no resnetlab run; a run needs a new or empty folder: "
+                         "choose another --out")  # fmt: skip
     if has_files and not force:
         if not (run_dir / CHECKPOINT_NAME).is_file():  # e.g. a run killed (SIGKILL, power) before its first checkpoint
             aside = f" (the run it was replacing is in {run_dir / PREVIOUS_RUN})" if (run_dir / PREVIOUS_RUN).is_dir() else ""
@@ -72,8 +75,9 @@ def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Pa
 
 
 def _holds_a_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a resnetlab run: a checkpoint, or the config.json a run writes first."""
-    if (run_dir / CHECKPOINT_NAME).is_file():
+    """Whether ``run_dir`` holds a resnetlab run: a checkpoint, the config.json a run writes first, or
+    the run a --force run set aside."""
+    if (run_dir / CHECKPOINT_NAME).is_file() or (run_dir / PREVIOUS_RUN).is_dir():
         return True
     try:
         config = json.loads((run_dir / "config.json").read_bytes())
@@ -155,6 +159,11 @@ class RunFiles:
                 for path in old:
                     path.rename(aside / path.name)
         self._aside = aside
+
+    @property
+    def replacing(self) -> bool:
+        """Whether an old run waits aside for this run's first checkpoint (--force)."""
+        return self._aside is not None and self.new
 
     def mark_checkpointed(self) -> None:
         """The run has its first checkpoint: it no longer needs the run it replaces."""
