@@ -497,3 +497,18 @@ def test_torchrun_workers_report_what_every_rank_says_once(monkeypatch: pytest.M
         assert cli.main(["models"]) == code
         err = capsys.readouterr().err
         assert err.startswith(says) and err.count("\n") == (1 if says else 0)
+
+
+@pytest.mark.parametrize("argv", [["models"], ["train", "--subset", "256", "--epochs", "2", "--width", "8", "--out", "OUT"]])
+def test_stdout_closed_early_stops_quietly(argv: list[str], tmp_path: Path) -> None:
+    # `resnetlab models | head -1` ended in a BrokenPipeError traceback (it is an OSError, caught as one first)
+    argv = [str(tmp_path / "run") if a == "OUT" else a for a in argv]
+    proc = subprocess.Popen([sys.executable, "-m", "resnetlab", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in err
+    if argv[0] == "train":
+        assert err.count("\n") == 1 and "stdout was closed, so the run stopped" in err
+        assert (tmp_path / "run" / "last.safetensors").is_file()  # resumable

@@ -273,6 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"resnetlab: error: {_too_large(err, args)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`resnetlab models | head -1`): stop quietly, as `ls | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit raises it again
+        if args.command == "train":
+            print("resnetlab: stdout was closed, so the run stopped; it continues from its last checkpoint with "
+                  "--resume", file=sys.stderr)  # fmt: skip
+        return 128 + getattr(signal, "SIGPIPE", 13)  # as a shell reports a writer SIGPIPE stopped (not on Windows)
     except OSError as err:  # the machine's state, not a bug: a full disk, a read-only or forbidden path
         fix = _OS_FIXES.get(err.errno or 0)
         if fix is None:
@@ -283,8 +289,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("resnetlab: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 @contextmanager
