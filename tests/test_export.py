@@ -354,7 +354,7 @@ def test_predict_refuses_fifos_instead_of_waiting_forever(run_dir, tmp_path):
     assert proc.stdout == "2 2\n"
     assert proc.stderr == (
         f"resnetlab: error: {fifo}: not a regular file (a FIFO, device or directory); give an image file\n"
-        f"resnetlab: error: {tmp_path / 'run' / 'last.safetensors'} is not a regular file (a FIFO or device); "
+        f"resnetlab: error: {tmp_path / 'run' / 'last.safetensors'} is not a regular file (a directory, FIFO or device); "
         "give a run directory or its last.safetensors\n"
     )
 
@@ -512,3 +512,20 @@ def test_stdout_closed_early_stops_quietly(argv: list[str], tmp_path: Path) -> N
     if argv[0] == "train":
         assert err.count("\n") == 1 and "stdout was closed, so the run stopped" in err
         assert (tmp_path / "run" / "last.safetensors").is_file()  # resumable
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux's /proc")
+def test_checkpoints_that_cannot_be_read_or_are_not_checkpoints_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # reading /proc/self/mem at offset 0 fails with EIO: it was an OSError traceback
+    (tmp_path / "eio").mkdir()
+    (tmp_path / "eio" / "last.safetensors").symlink_to("/proc/self/mem")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "boot.png")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))
+    for target, says in [(tmp_path / "eio", "cannot be read (Input/output error); check the disk"),
+                         (tmp_path / "boot.png", "is not a resnetlab checkpoint (not a safetensors file)"),
+                         (tmp_path / "m.onnx", "an ONNX export runs with `resnetlab predict --onnx`")]:  # fmt: skip
+        assert main(["eval", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err

@@ -290,3 +290,10 @@ def test_reading_weights_does_not_hide_running_out_of_memory(tmp_path, monkeypat
     monkeypatch.setattr(torch, "load", no_memory)
     with pytest.raises(MemoryError):
         read_weights(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux's /proc")
+def test_weights_that_cannot_be_read_are_one_line(tmp_path):
+    (tmp_path / "w.pth").symlink_to("/proc/self/mem")  # reading it at offset 0 fails with EIO: it was a traceback
+    with pytest.raises(CheckpointError, match=r"w.pth cannot be read \(Input/output error\); check the disk"):
+        read_weights(tmp_path / "w.pth")

@@ -14,6 +14,7 @@ file, so a crash at any moment leaves either the old or the new checkpoint, neve
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -67,15 +68,20 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}; give a run directory or its {CHECKPOINT_NAME}")
     if not p.is_file():  # opening a FIFO waits for a writer, maybe forever
-        raise CheckpointError(f"{p} is not a regular file (a FIFO or device); give a run directory or its {CHECKPOINT_NAME}")
+        raise CheckpointError(f"{p} is not a regular file (a directory, FIFO or device); give a run directory or its {CHECKPOINT_NAME}")
     return p
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a resnetlab checkpoint -> (tensors on CPU, metadata). Refuses pickles."""
     p = resolve_checkpoint_path(path)
-    with open(p, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM):  # the CLI names the fix for these (check the permissions)
+            raise
+        raise CheckpointError(f"{p} cannot be read ({err.strerror or err}); check the disk, or use another checkpoint") from None
     if is_torch_save(head):
         raise CheckpointError(
             f"{p} is a pickle/torch.save file; resnetlab never unpickles (it can run code). "
@@ -89,6 +95,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raw_meta = (f.metadata() or {}).get("resnetlab")
         tensors = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as err:
+        if head[8:9] != b"{":  # not safetensors at all: an image, an ONNX export, a CSV...
+            hint = "; an ONNX export runs with `resnetlab predict --onnx`" if p.suffix.lower() == ".onnx" else ""
+            raise CheckpointError(f"{p} is not a resnetlab checkpoint (not a safetensors file); give a run directory or "
+                                  f"its {CHECKPOINT_NAME}{hint}") from None  # fmt: skip
         raise CheckpointError(f"{p} is not a readable safetensors checkpoint ({err}); it may be truncated") from None
     if raw_meta is None:
         raise CheckpointError(f"{p} is a safetensors file without resnetlab metadata; for bare weights use load_pretrained")
