@@ -248,6 +248,8 @@ def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -
     (["train", "--lever-steps", "0", "--levers", "all"], "--lever-steps must be >= 1, not 0"),
     (["train", "--steps", "0"], "--steps must be >= 1, not 0"),
     (["train", "--workers", "-1"], "--workers must be >= 0, not -1"),
+    (["train", "--seed", str(10**20)], "--seed must be in torch's range [-2**63, 2**64 - 1], not 100000000000000000000"),
+    (["infer", "--threads", str(10**20)], f"--threads {10**20} is more than 4 per CPU ({os.cpu_count()} here); use at most {4 * os.cpu_count()}"),
     (["train", "--workers", "100000"],  # started 100,000 DataLoader processes of ~350 MB each
      f"--workers 100000 would start 100000 processes on {os.cpu_count()} CPUs; use at most {4 * os.cpu_count()} (the chapter uses 4)"),
     (["infer", "--small-reps", "0"], "--small-reps must be >= 1, not 0"),
@@ -323,3 +325,12 @@ def test_bench_resize_larger_than_memory_is_refused_before_pil_fills_it(argv: li
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--resize {argv[2]} makes a batch of " in err and "choose a smaller --resize" in err
     assert time.perf_counter() - t0 < 10  # before any matmul peak or model
+
+
+
+def test_bench_train_refuses_a_batch_batchnorm_cannot_train_on(tiny_folder: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # batch 1 at a 1x1 map: "Expected more than 1 value per channel when training" traceback at the first step
+    assert main(["bench", "train", "--dataset", tiny_folder, "--model", "resnet10", "--resize", "28", "--batch-size", "1",
+                 "--steps", "1", "--workers", "0", *PEAKS]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch size 1 gives resnet10's BatchNorm a single value per channel" in err

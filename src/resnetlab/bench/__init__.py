@@ -35,6 +35,12 @@ def run_bench(args: argparse.Namespace) -> int:
         value = getattr(args, name, None)  # None: not a flag of this command, or --block left to the device
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, not {value}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise UsageError(f"--seed must be in torch's range [-2**63, 2**64 - 1], not {seed}")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads > 4 * (os.cpu_count() or 1):
+        raise UsageError(f"--threads {threads} is more than 4 per CPU ({os.cpu_count()} here); use at most {4 * (os.cpu_count() or 1)}")
     workers = getattr(args, "workers", None)
     most = 4 * (os.cpu_count() or 1)  # each is a process with its own copy of torch (~350 MB): more cannot help
     if workers is not None and workers > most:

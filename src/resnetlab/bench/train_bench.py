@@ -38,7 +38,7 @@ def _lever_names(text: str | None) -> list[str]:
 
 
 def run_train_bench(args: argparse.Namespace) -> int:
-    from resnetlab.train.loop import resolve_device, resolve_precision
+    from resnetlab.train.loop import check_train_size, resolve_device, resolve_precision
 
     steps, warmup, batch = args.steps, args.warmup, args.batch_size  # checked by run_bench
     levers = _lever_names(args.levers)
@@ -58,6 +58,8 @@ def run_train_bench(args: argparse.Namespace) -> int:
     say(f"matmul peaks: fp32 {pk['fp32_peak_gflops']:.1f} GFLOP/s ({args.peak_size}^2), "
         f"bf16 {pk['bf16_peak_gflops']:.2f} GFLOP/s ({args.bf16_peak_size}^2): bf16/fp32 = {pk['bf16_over_fp32_peak']:.3f}")  # fmt: skip
     probe = create_model(args.model, num_classes=len(train.classes), in_chans=c)
+    for b in (batch, args.lever_batch_size) if levers else (batch,):  # as train refuses them: one line, not a traceback
+        check_train_size(probe, size, c, args.model, b)
     fwd_flops, train_flops = training_flops_per_image(probe, c, size, torch.device("cpu"))
     del probe
 

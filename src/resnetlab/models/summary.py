@@ -272,6 +272,8 @@ def parse_input_shape(text: str) -> tuple[int, int, int, int]:
     if len(parts) != 4 or not all(p.isdecimal() and int(p) > 0 for p in parts):
         raise UsageError(f"--input {text!r} is not a shape of four positive integers; expected {_SHAPE_FORM}")
     n, c, h, w = (int(p) for p in parts)
+    if max(n, c, h, w) > 2**31 - 1:  # torch's sizes are int64, and their product too: far beyond any tensor anyway
+        raise UsageError(f"--input {text!r} has a dimension above 2**31 - 1; expected {_SHAPE_FORM}")
     return n, c, h, w
 
 
