@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from resnetlab.cli import main
+from resnetlab.errors import UsageError
 from resnetlab.train import RECIPES, NonFiniteLoss, load_checkpoint, train
 from resnetlab.train import loop as loop_module
 from resnetlab.train.checkpoint import read_checkpoint
@@ -460,8 +461,48 @@ def test_non_finite_weights_are_refused_at_load(tiny_run, tmp_path: Path, capsys
     tensors, meta = read_checkpoint(tiny_run.run_dir)
     name = next(k for k in tensors if k.startswith("model.") and k.endswith("weight"))
     save_checkpoint(tmp_path / "last.safetensors", {**tensors, name: tensors[name] * float("nan")}, meta)
-    assert main(["predict", str(tmp_path), "x.png"]) == 2
-    assert "holds non-finite (NaN or inf) weights" in capsys.readouterr().err
+    for command in (["predict", str(tmp_path), "x.png"], ["train", "--resume", str(tmp_path)]):  # resume: unchecked
+        assert main(command) == 2
+        assert "holds non-finite (NaN or inf) weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, what", [({"position": {"epoch": "x", "step": 0}}, "position"),
+                                        ({"position": {"epoch": -5, "step": 0}}, "position"),
+                                        ({"optimizer": "garbage"}, "optimizer"), ({"recipe": {}}, "recipe"),
+                                        ({"recipe": {"bogus": 1}}, "recipe"), ({"history": "zz"}, "history"),
+                                        ({"sums": None}, "sums")])  # fmt: skip
+def test_resume_of_a_checkpoint_with_damaged_resume_metadata_is_one_line(edit: dict, what: str, tiny_run, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # eval, predict and export check the metadata they read; --resume read the rest unchecked: TypeError,
+    # IndexError, KeyError, AttributeError tracebacks
+    from resnetlab.train.checkpoint import save_checkpoint
+
+    tensors, meta = read_checkpoint(tiny_run.run_dir)
+    save_checkpoint(tmp_path / "last.safetensors", tensors, {**meta, **edit})
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"has corrupt resume metadata ({what}); it cannot be resumed" in err
+
+
+def test_resume_of_a_finished_run_evaluates_it_again(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # it said "evaluating it again" and reported the accuracy stored in its history
+    from resnetlab.train.checkpoint import save_checkpoint
+
+    tensors, meta = read_checkpoint(tiny_run.run_dir)
+    zeroed = {k: torch.zeros_like(v) if k.startswith("model.fc.") else v for k, v in tensors.items()}
+    run = tmp_path / "run"
+    _copy_run(tiny_run.run_dir, run)
+    save_checkpoint(run / "last.safetensors", zeroed, meta)
+    result = train(resume=run)
+    assert result.test_acc == 0.1 != meta["history"][-1]["test_acc"]  # all logits equal: class 0 everywhere
+
+
+def test_resume_accepts_a_flag_given_with_the_runs_own_value(tiny_run, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _copy_run(tiny_run.run_dir, run)
+    train(resume=run, width=8, epochs=read_checkpoint(run)[1]["recipe"]["epochs"])  # refused before, with "drop --width"
+    with pytest.raises(UsageError, match="drop --width"):
+        train(resume=run, width=16)
 
 
 def test_pickle_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

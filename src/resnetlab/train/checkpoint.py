@@ -102,6 +102,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"{p} is not a readable safetensors checkpoint ({err}); it may be truncated") from None
     if raw_meta is None:
         raise CheckpointError(f"{p} is a safetensors file without resnetlab metadata; for bare weights use load_pretrained")
+    if not all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model.") and t.is_floating_point()):
+        raise CheckpointError(f"{p} holds non-finite (NaN or inf) weights; it is damaged, use another checkpoint")  # never saved
     try:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as err:
@@ -239,8 +241,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     net = create_model(spec["name"], **spec["options"])
     load_weights(net, prefixed(tensors, "model."), f"{path}: the weights do not fit the {spec['name']} {spec['options']} "
                  "its metadata describes")  # fmt: skip
-    if not all(torch.isfinite(t).all() for t in net.state_dict().values() if t.is_floating_point()):  # training never saves these
-        raise CheckpointError(f"{path} holds non-finite (NaN or inf) weights; it is damaged, use another checkpoint")
     classifier = Classifier(
         net,
         Preprocess.from_config(meta["preprocessing"]),

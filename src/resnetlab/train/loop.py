@@ -23,12 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab.data import BatchLoader, Preprocess, Split, load_dataset, random_crop, random_erasing, random_flip, to_float
-from resnetlab.errors import ResnetlabError, UsageError
+from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
 from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
 from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, load_weights, prefixed, read_checkpoint, save_checkpoint
 from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe, get_recipe, recipe_as_trained
-from resnetlab.train.rundir import PREVIOUS_RUN, RunFiles, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
+from resnetlab.train.rundir import METRIC_FIELDS, PREVIOUS_RUN, RunFiles, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
+
+
+# An epoch's running sums (a checkpoint saves them mid-epoch).
+EMPTY_SUMS = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
 
 
 class TrainingInterrupted(ResnetlabError):
@@ -337,11 +341,44 @@ def _resumed_run(resume: str | Path, overrides: dict[str, Any]) -> tuple[tuple[d
         raise UsageError(f"{resume} holds no checkpoint: a --force run was stopped before its first one; the run it was "
                          f"replacing is in {aside} (move its files back to resume it)")  # fmt: skip
     tensors, meta = read_checkpoint(resume)
-    changed = {k: v for k, v in overrides.items() if v is not None and k != "device"}
+    recipe = _resume_state(tensors, meta, resume)
+    # a flag given with the value the run has is no change (as every other value is)
+    changed = {k: v for k, v in overrides.items() if v is not None and k != "device" and v != getattr(recipe, k)}
     if changed:
         raise UsageError(f"--resume continues the run as it was; drop {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    recipe = dataclasses.replace(recipe_as_trained(meta["recipe"], meta), device=overrides.get("device") or meta["recipe"]["device"])
-    return (tensors, meta), recipe
+    return (tensors, meta), dataclasses.replace(recipe, device=overrides.get("device") or recipe.device)
+
+
+def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> Recipe:
+    """The run's recipe as trained, once the state a resume reads (eval, predict and export read less) is whole."""
+
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} has corrupt resume metadata ({what}); it cannot be resumed, "
+                               "though eval, predict and export may still use it")  # fmt: skip
+
+    fields = meta.get("recipe")
+    core = {"name", "model", "dataset", "epochs", "batch_size", "lr", "seed", "device"}  # in every version's checkpoints
+    if not isinstance(fields, dict) or not core <= set(fields) <= {f.name for f in dataclasses.fields(Recipe)}:
+        raise corrupt("recipe")
+    try:
+        recipe = recipe_as_trained(fields, meta)
+    except TypeError:  # a field missing
+        raise corrupt("recipe") from None
+    position, history, sums = meta.get("position"), meta.get("history"), meta.get("sums")
+    if not (isinstance(position, dict) and all(type(position.get(k)) is int and position[k] >= 0 for k in ("epoch", "step"))
+            and position["epoch"] <= recipe.epochs):  # fmt: skip
+        raise corrupt("position")
+    if not (isinstance(history, list) and len(history) == position["epoch"]
+            and all(isinstance(r, dict) and set(METRIC_FIELDS) <= set(r) for r in history)):  # fmt: skip
+        raise corrupt("history")
+    if not (isinstance(sums, dict) and all(isinstance(sums.get(k), (int, float)) for k in EMPTY_SUMS)):
+        raise corrupt("sums")
+    groups = meta.get("optimizer")
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+        raise corrupt("optimizer")
+    if "rng.cpu" not in tensors:
+        raise corrupt("rng.cpu")
+    return recipe
 
 
 def check_train_request(recipe: str | None, *, world_size: int, out: str | None, resume: str | None, force: bool,
@@ -484,7 +521,7 @@ def train(
 
     # Position and running sums; a resumed run takes them from its checkpoint.
     epoch, start_step = 0, 0
-    sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
+    sums = dict(EMPTY_SUMS)
     history: list[dict[str, Any]] = []
     if resumed:
         tensors, meta = resumed
@@ -638,7 +675,7 @@ def train(
             }
             history.append(row)
             epoch, start_step = epoch + 1, 0
-            sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
+            sums = dict(EMPTY_SUMS)
             checkpoint(epoch, 0)
             if ctx.is_main:
                 write_history()
@@ -655,7 +692,7 @@ def train(
         run_dir=run_dir,
         train_loss=last["train_loss"],
         train_acc=last["train_acc"],
-        test_acc=last["test_acc"],
+        test_acc=confusion.diag().sum().item() / confusion.sum().item(),  # measured now (a finished run resumed: again)
         examples_per_sec=seen / sum(r["seconds"] for r in history),
         compute_examples_per_sec=seen / sum(r["images_per_s"] * r["seconds"] / r["compute_images_per_s"] for r in history),
         device=str(device),
