@@ -587,15 +587,30 @@ def _train_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], *flags: s
     return err
 
 
-@pytest.mark.parametrize("flag", ["--out", "--resume", "--init-from"])
+@pytest.mark.parametrize("flag", ["--out", "--resume", "--init-from", "--recipe", "--dataset"])
 def test_an_empty_path_flag_is_refused(flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    # `--out ''` trained into runs/RECIPE-TIMESTAMP and `--init-from ''` from scratch, silently
+    # `--out ''` trained into runs/RECIPE-TIMESTAMP, `--init-from ''` from scratch and `--recipe ''` fast, silently
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--subset", "64", "--epochs", "1", flag, ""]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"{flag} is empty; give a path, or leave {flag} out" in err
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--subset", "64", "--epochs", "1", flag, ""])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert f"resnetlab train: error: argument {flag}: an empty string; give a value" in err
+    if flag in ("--out", "--resume", "--init-from"):  # the Python API says it too
+        with pytest.raises(UsageError, match=f"{flag} is empty; give a path, or leave {flag} out"):
+            train(**{flag[2:].replace("-", "_"): "", "subset": 64, "epochs": 1})
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["eval", ""], ["export", "RUN", "--out", ""], ["predict", "--onnx", "", "a.png"],
+                                  ["eval", "RUN", "--dataset", ""]])  # fmt: skip
+def test_empty_strings_are_refused_by_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # eval '' said "no checkpoint at last.safetensors"; export --out '' and eval --dataset '' used the defaults
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "an empty string; give a value" in err
 
 
 @pytest.mark.parametrize("device", ["meta", "xpu", "lazy", "cuda:x"])

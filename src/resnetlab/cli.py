@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from resnetlab.errors import ResnetlabError
 
@@ -81,6 +81,13 @@ class _Parser(argparse.ArgumentParser):
             self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)}; see {prog} --help\n")
         return parsed
 
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        # A plain string flag or positional given as '' (`--out ''`, `eval ''`) was taken as "not given", or
+        # as the path "": refused once here. A flag that may be empty says so with an explicit type=str.
+        if kwargs.get("type") is None and kwargs.get("action") in (None, "store") and "choices" not in kwargs:
+            kwargs["type"] = _not_empty
+        return super().add_argument(*args, **kwargs)
+
     def _wants_a_value(self, word: str) -> bool:
         """Whether ``word`` is an option (or an abbreviation of one, as argparse allows) still waiting for its value."""
         if not word.startswith("-") or "=" in word:
@@ -94,6 +101,12 @@ class _Parser(argparse.ArgumentParser):
         for placeholder, word in self._after_dashes.items():
             message = message.replace(placeholder, word)
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _not_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty string; give a value")
+    return text
 
 
 def _add_summary(sub: argparse._SubParsersAction) -> None:
@@ -222,7 +235,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     b.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+SEEDS-1 (default 0)")
-    b.add_argument("--train-args", default="", help='extra `resnetlab train` flags, e.g. --train-args="--epochs 3 --subset 2048"')
+    b.add_argument("--train-args", type=str, default="", help='extra `resnetlab train` flags, e.g. --train-args="--epochs 3 --subset 2048"')
     b = bsub.add_parser("infer", help="eval images/s and per-image latency at batch 1 and 256")
     b.add_argument("--model", default="d2l_resnet18", help="registry name (default d2l_resnet18)")
     b.add_argument("--resize", type=int, default=96, help="square input side (default 96)")
