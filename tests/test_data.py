@@ -135,12 +135,13 @@ def test_a_named_root_without_the_data_is_a_warning_not_silence(isolated, monkey
     write_idx_dataset(sysdir, n_train=11)
     monkeypatch.setitem(sources.SYSTEM_DIRS, "mnist", [str(sysdir)])
     typo = isolated / "typo"
-    with pytest.warns(UserWarning, match=rf"^--root {typo} holds no usable mnist .*; using {sysdir} \(system\)\. Fix or drop --root {typo}$"):
+    # named neutrally: the root is --root of `data` but --data-root of train and eval
+    with pytest.warns(UserWarning, match=rf"^the data root {typo} holds no usable mnist .*; using {sysdir} \(system\)\. Fix or drop it$"):
         assert len(load_dataset("mnist", root=typo, download=False)[0]) == 11
     monkeypatch.setenv("RESNETLAB_DATA", str(typo))
     assert main(["data", "info", "mnist"]) == 0  # the CLI shows it as one line
     err = capsys.readouterr().err
-    assert err.startswith(f"resnetlab: warning: $RESNETLAB_DATA {typo} holds no usable mnist") and err.count("\n") == 1
+    assert err.startswith(f"resnetlab: warning: RESNETLAB_DATA={typo} holds no usable mnist") and err.count("\n") == 1
 
 
 def test_cache_respects_xdg_and_home(isolated, monkeypatch):

@@ -225,6 +225,11 @@ def test_folder_option_that_does_not_exist_is_named(tmp_path, capsys):
         assert main(["data", "info", name]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "File name too long; give the image folder's path" in err
+    for options, says in [("size=abc", "folder options size=abc are not all numbers; e.g. size=32"),  # it showed a dict
+                          ("size=0", "image size (folder option size) must be positive, not 0")]:  # it said image_size
+        assert main(["data", "info", f"folder:{tmp_path / 'f'}?{options}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
     (tmp_path / "f?x=1").mkdir()  # a directory whose name has a "?" is still that directory
     _write_images(tmp_path / "f?x=1")
     assert main(["data", "info", f"folder:{tmp_path / 'f?x=1'}"]) == 0

@@ -92,7 +92,7 @@ def _size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     else:
         raise UsageError(f"image_size must be an int or (height, width), not {image_size!r}")
     if not all(isinstance(v, int) and v > 0 for v in hw):
-        raise UsageError(f"image_size must be positive, not {image_size!r}")
+        raise UsageError(f"image size (folder option size) must be positive, not {image_size!r}")
     return hw
 
 
@@ -224,7 +224,9 @@ def folder_options(options: dict[str, str]) -> dict[str, object]:
         if "seed" in options:
             out["seed"] = int(options["seed"])
     except ValueError:
-        raise UsageError(f"bad folder dataset option in {options!r}") from None
+        given = "&".join(f"{k}={v}" for k, v in options.items())
+        raise UsageError(f"folder options {given} are not all numbers; e.g. size=32 (or 32x48), channels=1 or 3, "
+                         "holdout=0.2, seed=1") from None
     if isinstance(out.get("holdout"), float) and not math.isfinite(out["holdout"]):  # type: ignore[arg-type]
         raise UsageError("holdout must be finite")
     if not -(2**63) <= out.get("seed", 0) < 2**64:  # type: ignore[operator]

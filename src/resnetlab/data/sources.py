@@ -208,9 +208,10 @@ def locate(name: str, root: str | os.PathLike | None = None) -> tuple[Location |
             # a root the user named but that failed would otherwise pass unnoticed (a typo, a damaged copy)
             for given in dict.fromkeys(p.label for p in places if p.label in ("--root", "$RESNETLAB_DATA") and p.label != label):
                 base = next(p.path for p in reversed(places) if p.label == given)  # the base itself, searched after base/NAME
-                flag = f"--root {base}" if given == "--root" else f"RESNETLAB_DATA={base}"
-                warnings.warn(f"{given} {base} holds no usable {name} (see `resnetlab data info {name} --root {base}`); "
-                              f"using {d} ({label}). Fix or drop {flag}", stacklevel=2)  # fmt: skip
+                # "--root" is the label of a root given as an argument: `data --root`, or --data-root of train and eval
+                what = f"the data root {base}" if given == "--root" else f"RESNETLAB_DATA={base}"
+                warnings.warn(f"{what} holds no usable {name} (see `resnetlab data info {name} --root {base}`); "
+                              f"using {d} ({label}). Fix or drop it", stacklevel=2)  # fmt: skip
             return Location(name, d, label, files, form), places
         place.note = note
     return None, places

@@ -612,7 +612,7 @@ def train(
                                 else "no checkpoint was written yet")
                         raise NonFiniteLoss(
                             f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (lr {optimizer.param_groups[0]['lr']:.4g}); "
-                            f"{kept}. Lower --lr or use --precision fp32"
+                            f"{kept}. Lower --lr" + (" or use --precision fp32" if autocast_dtype is not None else "")
                         )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
