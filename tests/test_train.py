@@ -933,3 +933,10 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(existing: b
     assert "--precision fp32" not in str(info.value)  # it is fp32 on this CPU already: that hint was wrong
     # A config.json alone could be neither resumed (no checkpoint) nor reused (already exists).
     assert (out.is_dir() and not any(out.iterdir())) if existing else not (tmp_path / "runs").exists()
+
+
+def test_init_from_takes_a_run_directory(tiny_run, tmp_path: Path) -> None:
+    # every other command takes a run directory; --init-from said "no weights file at RUN"
+    result = train("fast", out=tmp_path / "ft", init_from=str(tiny_run.run_dir), **{**TINY, "subset": 64, "epochs": 1, "lr": 1e-9})
+    start, tuned = load_checkpoint(tiny_run.run_dir).net.state_dict(), load_checkpoint(result.run_dir).net.state_dict()
+    assert all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in start if k.endswith("conv1.weight"))

@@ -68,8 +68,12 @@ def _first_line(err: BaseException) -> str:
 
 
 def weights_file(path: str | os.PathLike) -> Path:
-    """``path`` if it is a file, else a CheckpointError saying what to give."""
+    """``path`` if it is a file (a run directory: its checkpoint), else a CheckpointError saying what to give."""
+    from resnetlab.train.checkpoint import CHECKPOINT_NAME  # here: resnetlab.train imports this module
+
     p = Path(path)
+    if p.is_dir() and (p / CHECKPOINT_NAME).is_file():  # fine-tuning from a resnetlab run, as every other command takes it
+        p = p / CHECKPOINT_NAME
     if not p.is_file():
         raise CheckpointError(f"no weights file at {p}; give a torchvision/timm .pth, .pt or .safetensors file")
     return p
