@@ -848,31 +848,22 @@ def test_resume_of_a_force_run_stopped_before_its_first_checkpoint_names_the_old
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])
-def test_a_folder_of_other_files_is_refused_even_with_force(force: list[str], tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    # --force wrote a run's files into any folder without a config.json (as root, even /)
-    out = tmp_path / "home"
-    out.mkdir()
-    (out / "notes.txt").write_text("x")
-    assert main(["train", *TINY_FLAGS, "--out", str(out), *force]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"--out {out} holds files but no resnetlab run; a run needs a new or empty folder" in err
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
-
-
-@pytest.mark.parametrize("force", [[], ["--force"]])
-def test_force_refuses_a_folder_whose_config_json_is_not_a_run(force: list[str], tmp_path: Path,
+@pytest.mark.parametrize("config, says", [(None, "holds files but no resnetlab run; a run needs a new or empty folder"),
+                                          ('{"mine": 1}', "holds config.json but no resnetlab run")])  # fmt: skip
+def test_a_folder_that_holds_no_run_is_refused_even_with_force(force: list[str], config: str | None, says: str, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    # --force removed any config.json or metrics.csv it found: a user's own files in a folder that held no run;
-    # and without --force the error offered --force
+    # --force wrote a run's files into any folder without a config.json (as root, even /), and removed a
+    # config.json or metrics.csv it had not written; without --force the error offered --force
     out = tmp_path / "project"
     out.mkdir()
-    (out / "config.json").write_text('{"mine": 1}')
     (out / "notes.txt").write_text("x")
+    if config is not None:
+        (out / "config.json").write_text(config)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["train", *TINY_FLAGS, "--out", str(out), *force]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"--out {out} holds config.json but no resnetlab run" in err and "--force" not in err
-    assert (out / "config.json").read_text() == '{"mine": 1}'
+    assert "\n" not in err and f"--out {out} {says}" in err and "--force" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_a_force_run_killed_before_its_first_checkpoint_names_the_run_it_set_aside(tiny_run, tmp_path: Path,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+from resnetlab.errors import CheckpointError
 
 
 def fsync_dir(directory: Path) -> None:
@@ -37,3 +40,18 @@ def umask_mode(path: str | os.PathLike) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def read_head(path: Path, other: str) -> bytes:
+    """The first 16 bytes of a checkpoint or weights file (enough for :func:`is_torch_save`).
+
+    A read that fails (EIO: a bad disk) is a CheckpointError suggesting ``other`` ("another
+    checkpoint"); a permission error stays an OSError, for which the CLI names the fix.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM):
+            raise
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err}); check the disk, or use {other}") from None

@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from resnetlab.errors import CheckpointError
-from resnetlab.fileio import is_torch_save
+from resnetlab.fileio import is_torch_save, read_head
 
 __all__ = ["load_pretrained", "read_weights", "adapt_input_conv", "PretrainedReport"]
 
@@ -82,13 +81,7 @@ def weights_file(path: str | os.PathLike) -> Path:
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A torch.save or safetensors weights file -> a flat state dict of CPU tensors (never unpickles code)."""
     p = weights_file(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(16)
-    except OSError as err:
-        if err.errno in (errno.EACCES, errno.EPERM):  # the CLI names the fix for these (check the permissions)
-            raise
-        raise CheckpointError(f"{p} cannot be read ({err.strerror or err}); check the disk, or use other weights") from None
+    head = read_head(p, "other weights")
     obj = _read_torch(p) if is_torch_save(head) else _read_safetensors(p)
     return _state_dict(obj, p)
 

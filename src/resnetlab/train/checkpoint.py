@@ -14,7 +14,6 @@ file, so a crash at any moment leaves either the old or the new checkpoint, neve
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from resnetlab.errors import CheckpointError
-from resnetlab.fileio import fsync_dir, is_torch_save, umask_mode
+from resnetlab.fileio import fsync_dir, is_torch_save, read_head, umask_mode
 
 CHECKPOINT_NAME = "last.safetensors"
 FORMAT_VERSION = 1
@@ -75,13 +74,7 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a resnetlab checkpoint -> (tensors on CPU, metadata). Refuses pickles."""
     p = resolve_checkpoint_path(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(16)
-    except OSError as err:
-        if err.errno in (errno.EACCES, errno.EPERM):  # the CLI names the fix for these (check the permissions)
-            raise
-        raise CheckpointError(f"{p} cannot be read ({err.strerror or err}); check the disk, or use another checkpoint") from None
+    head = read_head(p, "another checkpoint")
     if is_torch_save(head):
         raise CheckpointError(
             f"{p} is a pickle/torch.save file; resnetlab never unpickles (it can run code). "
