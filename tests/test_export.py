@@ -524,7 +524,10 @@ def test_checkpoints_that_cannot_be_read_or_are_not_checkpoints_are_one_line(tmp
 
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "boot.png")
     (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "last.safetensors").write_bytes(b"")  # what a full disk may leave: truncated, not "another format"
     for target, says in [(tmp_path / "eio", "cannot be read (Input/output error); check the disk"),
+                         (tmp_path / "empty", "it may be truncated"),
                          (tmp_path / "boot.png", "is not a resnetlab checkpoint (not a safetensors file)"),
                          (tmp_path / "m.onnx", "an ONNX export runs with `resnetlab predict --onnx`")]:  # fmt: skip
         assert main(["eval", str(target)]) == 2

@@ -256,6 +256,28 @@ def test_ctrl_c_before_a_force_runs_first_checkpoint_puts_the_old_run_back(tiny_
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_signal_during_the_first_test_pass_of_a_force_run_puts_the_old_run_back(tiny_run, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # only steps checked the flag: epoch 1's test pass went on to checkpoint, which deleted the old run
+    out = tmp_path / "run"
+    before = _copy_run(tiny_run.run_dir, out)
+    real = loop_module.evaluate
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGINT)  # the handler only sets the flag
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "evaluate", interrupted)
+    with pytest.raises(loop_module.TrainingInterrupted, match="before this run's first checkpoint; .* holds the run it was replacing"):
+        train("fast", out=out, force=True, **{**TINY, "subset": 128})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_names_an_unknown_field_from_the_python_api(tiny_run, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="drop --bogus"):  # an AttributeError for a moment
+        train(resume=tiny_run.run_dir, bogus=1)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = loop_module.train_inputs
     calls = {"n": 0}

@@ -289,8 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`resnetlab models | head -1`): stop quietly, as `ls | head` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit raises it again
         if args.command == "train":
-            print("resnetlab: stdout was closed, so the run stopped; once it has a checkpoint, it continues with --resume",
-                  file=sys.stderr)  # fmt: skip
+            print("resnetlab: stdout was closed, so the run stopped", file=sys.stderr)
         return 128 + getattr(signal, "SIGPIPE", 13)  # as a shell reports a writer SIGPIPE stopped (not on Windows)
     except OSError as err:  # the machine's state, not a bug: a full disk, a read-only or forbidden path
         fix = _OS_FIXES.get(err.errno or 0)

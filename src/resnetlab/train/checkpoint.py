@@ -88,7 +88,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raw_meta = (f.metadata() or {}).get("resnetlab")
         tensors = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as err:
-        if head[8:9] != b"{":  # not safetensors at all: an image, an ONNX export, a CSV...
+        if len(head) > 8 and head[8:9] != b"{":  # not safetensors at all: an image, an ONNX export, a CSV...
             hint = "; an ONNX export runs with `resnetlab predict --onnx`" if p.suffix.lower() == ".onnx" else ""
             raise CheckpointError(f"{p} is not a resnetlab checkpoint (not a safetensors file); give a run directory or "
                                   f"its {CHECKPOINT_NAME}{hint}") from None  # fmt: skip

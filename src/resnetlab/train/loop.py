@@ -31,6 +31,8 @@ from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe, get_recipe, r
 from resnetlab.train.rundir import METRIC_FIELDS, PREVIOUS_RUN, RunFiles, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
 
 
+_UNSET = object()  # no recipe field of that name
+
 # An epoch's running sums (a checkpoint saves them mid-epoch).
 EMPTY_SUMS = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
 
@@ -343,7 +345,7 @@ def _resumed_run(resume: str | Path, overrides: dict[str, Any]) -> tuple[tuple[d
     tensors, meta = read_checkpoint(resume)
     recipe = _resume_state(tensors, meta, resume)
     # a flag given with the value the run has is no change (as every other value is)
-    changed = {k: v for k, v in overrides.items() if v is not None and k != "device" and v != getattr(recipe, k)}
+    changed = {k: v for k, v in overrides.items() if v is not None and k != "device" and v != getattr(recipe, k, _UNSET)}
     if changed:
         raise UsageError(f"--resume continues the run as it was; drop {', '.join('--' + k.replace('_', '-') for k in changed)}")
     return (tensors, meta), dataclasses.replace(recipe, device=overrides.get("device") or recipe.device)
@@ -550,6 +552,9 @@ def train(
 
     def checkpoint(at_epoch: int, at_step: int) -> None:
         """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
+        if stop["interrupted"] and replacing[0]:  # stopped (in a step, a test pass...) while an old run waits aside: it comes back
+            raise TrainingInterrupted(f"{_stopped(stop)} before this run's first checkpoint; {run_dir} holds the run it was "
+                                      "replacing again", stop["signal"])  # fmt: skip
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise NonFiniteLoss(f"weights became non-finite at epoch {at_epoch + 1}, step {at_step}; checkpoint not written")
         saved_sums = dist.global_sums(sums, device)  # the epoch so far over all ranks
@@ -631,19 +636,15 @@ def train(
                                     img_s=f"{done * ctx.world_size / max(elapsed, 1e-9):.0f}")  # fmt: skip
                 if bar is not None:
                     bar.update(1)
-                if stop["interrupted"] and replacing[0]:  # stopping a --force run early: the old run comes back
-                    raise TrainingInterrupted(
-                        f"{_stopped(stop)} at epoch {epoch + 1}, step {step + 1}, before this run's first checkpoint; "
-                        f"{run_dir} holds the run it was replacing again", stop["signal"])  # fmt: skip
                 if stop["interrupted"] or (checkpoint_every and (global_step + 1) % checkpoint_every == 0):
+                    if stop["interrupted"] and bar is not None:
+                        bar.close()
                     compute_seconds = step_clock.take()  # first: it waits for the queued steps
                     _fold(sums, loss_sum, correct, count, time.perf_counter() - t_epoch, compute_seconds)
                     loss_sum.zero_(), correct.zero_()
                     count, t_epoch = 0, time.perf_counter()
                     checkpoint(epoch, step + 1)
                     if stop["interrupted"]:
-                        if bar is not None:
-                            bar.close()
                         raise TrainingInterrupted(
                             f"{_stopped(stop)} at epoch {epoch + 1}, step {step + 1}; checkpoint saved, "
                             f"continue with: resnetlab train --resume {run_dir}"
