@@ -184,12 +184,12 @@ class RunFiles:
             return
         # Best effort: the run's own error is what the user must see. rmdir stops at a directory
         # that is not empty (something else was put there meanwhile), and keeps it.
-        with contextlib.suppress(OSError):
+        # A second Ctrl-C waits until the old run is back (it would leave it in .previous-run).
+        with contextlib.suppress(OSError), _signals_blocked():
             self._remove_run_files()
             if self._aside is not None:
-                with _signals_blocked():
-                    for path in self._aside.iterdir():
-                        path.rename(self.run_dir / path.name)
+                for path in self._aside.iterdir():
+                    path.rename(self.run_dir / path.name)
                 self._aside.rmdir()
             for d in self._made:
                 d.rmdir()
