@@ -30,19 +30,20 @@ _LEAST = {"steps": 1, "batch_size": 1, "block": 1, "warmup": 0, "workers": 0, "l
 def run_bench(args: argparse.Namespace) -> int:
     """Entry point of ``resnetlab bench``: check the flags, dispatch on ``args.bench``."""
     from resnetlab.errors import UsageError
+    from resnetlab.train.recipes import MAX_SEED, MIN_SEED
 
     for name, least in _LEAST.items():
         value = getattr(args, name, None)  # None: not a flag of this command, or --block left to the device
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, not {value}")
     seed = getattr(args, "seed", None)
-    if seed is not None and not -(2**63) <= seed < 2**64:
+    if seed is not None and not MIN_SEED <= seed <= MAX_SEED:
         raise UsageError(f"--seed must be in torch's range [-2**63, 2**64 - 1], not {seed}")
+    most = 4 * (os.cpu_count() or 1)  # threads, or worker processes with a copy of torch each (~350 MB): more cannot help
     threads = getattr(args, "threads", None)
-    if threads is not None and threads > 4 * (os.cpu_count() or 1):
-        raise UsageError(f"--threads {threads} is more than 4 per CPU ({os.cpu_count()} here); use at most {4 * (os.cpu_count() or 1)}")
+    if threads is not None and threads > most:
+        raise UsageError(f"--threads {threads} is more than 4 per CPU ({os.cpu_count()} here); use at most {most}")
     workers = getattr(args, "workers", None)
-    most = 4 * (os.cpu_count() or 1)  # each is a process with its own copy of torch (~350 MB): more cannot help
     if workers is not None and workers > most:
         raise UsageError(f"--workers {workers} would start {workers} processes on {os.cpu_count()} CPUs; use at most {most} "
                          "(the chapter uses 4)")  # fmt: skip
@@ -61,8 +62,6 @@ def check_batch_fits(side: int, channels: int, batch: int) -> None:
     pipeline resizes with PIL, which allocates an image in blocks: a side of 300,000 filled this
     machine's memory before anything failed.
     """
-    import os
-
     from resnetlab.errors import UsageError
 
     need = batch * channels * side * side * 4

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from resnetlab.bench import check_batch_fits
 from resnetlab.bench.engines import LEVERS, ResnetlabTrainer, interleaved, measure_levers
 from resnetlab.bench.machine import environment, peaks, training_flops_per_image
 from resnetlab.bench.reference import ReferenceTrainer
-from resnetlab.bench import check_batch_fits
 from resnetlab.data import load_dataset
 from resnetlab.errors import UsageError
 from resnetlab.models import create_model
@@ -52,13 +52,14 @@ def run_train_bench(args: argparse.Namespace) -> int:
     train, _ = load_dataset(args.dataset, root=args.data_root)
     c, h, _w = train.images.shape[1:]
     size = args.resize or h
-    check_batch_fits(size, c, max(batch, args.lever_batch_size if levers else 1))
+    batches = (batch, args.lever_batch_size) if levers else (batch,)
+    check_batch_fits(size, c, max(batches))
 
     pk = peaks(device, args.peak_size, args.bf16_peak_size)
     say(f"matmul peaks: fp32 {pk['fp32_peak_gflops']:.1f} GFLOP/s ({args.peak_size}^2), "
         f"bf16 {pk['bf16_peak_gflops']:.2f} GFLOP/s ({args.bf16_peak_size}^2): bf16/fp32 = {pk['bf16_over_fp32_peak']:.3f}")  # fmt: skip
     probe = create_model(args.model, num_classes=len(train.classes), in_chans=c)
-    for b in (batch, args.lever_batch_size) if levers else (batch,):  # as train refuses them: one line, not a traceback
+    for b in batches:  # as train refuses them: one line, not a traceback
         check_train_size(probe, size, c, args.model, b)
     fwd_flops, train_flops = training_flops_per_image(probe, c, size, torch.device("cpu"))
     del probe

@@ -113,7 +113,7 @@ def _launch_torchrun(nproc: int) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from resnetlab.data import BatchLoader, load_dataset
     from resnetlab.train.checkpoint import load_checkpoint
-    from resnetlab.train.loop import evaluate, require_test_images, resolve_device
+    from resnetlab.train.loop import accuracy, evaluate, require_test_images, resolve_device
 
     device = resolve_device(args.device)
     classifier = load_checkpoint(args.checkpoint, device=device)
@@ -135,7 +135,7 @@ def run_eval(args: argparse.Namespace) -> int:
     total = confusion.sum().item()
     per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1)).tolist()
     result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "images": total,
-              "accuracy": confusion.diag().sum().item() / total,
+              "accuracy": accuracy(confusion),
               "per_class_accuracy": dict(zip(test.classes, per_class)), "confusion": confusion.tolist()}  # fmt: skip
     if args.json:
         print(json.dumps(result))

@@ -271,6 +271,11 @@ def evaluate(classifier: Classifier, loader: BatchLoader, num_classes: int) -> t
     return confusion.view(num_classes, num_classes).cpu()
 
 
+def accuracy(confusion: torch.Tensor) -> float:
+    """The fraction of a confusion matrix on its diagonal."""
+    return confusion.diag().sum().item() / confusion.sum().item()
+
+
 @contextmanager
 def stop_flag(sigterm: bool) -> Iterator[dict[str, Any]]:
     """Turn the first Ctrl-C (and SIGTERM when ``sigterm``) into a flag the loop checks between
@@ -336,6 +341,11 @@ def _check_flags(recipe: str | Recipe | None, out: str | Path | None, resume: st
         raise UsageError(f"--resume continues the run in {resume}; drop {' and '.join(given)}")
 
 
+def _run_dir_of(resume: str | Path) -> Path:
+    """The run directory of ``--resume`` (a run directory or its checkpoint file)."""
+    return Path(resume) if Path(resume).is_dir() else Path(resume).parent
+
+
 def _resumed_run(resume: str | Path, overrides: dict[str, Any]) -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]], Recipe]:
     """The checkpoint of the run to resume, and its recipe as trained (only ``device`` may change)."""
     aside = Path(resume) / PREVIOUS_RUN
@@ -393,8 +403,7 @@ def check_train_request(recipe: str | None, *, world_size: int, out: str | None,
     _check_flags(recipe, out, resume, force, checkpoint_every, init_from)
     if resume is not None:
         (_, meta), checked = _resumed_run(resume, overrides)
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        dist.check_world_size(meta.get("world_size"), world_size, run_dir)
+        dist.check_world_size(meta.get("world_size"), world_size, _run_dir_of(resume))
     else:
         checked = get_recipe(recipe or "fast", **overrides)
         if out:
@@ -441,7 +450,7 @@ def train(
         force = True
     if resume is not None:
         resumed, recipe = _resumed_run(resume, overrides)
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        run_dir = _run_dir_of(resume)
         data_root = data_root or resumed[1].get("data_root")
     else:
         recipe = recipe.validate() if isinstance(recipe, Recipe) else get_recipe(recipe or "fast", **overrides)
@@ -548,11 +557,10 @@ def train(
         "world_size": ctx.world_size,
     }
     files = RunFiles(run_dir, new=resumed is None, unique=not out and resumed is None)  # rank 0 creates the directory below
-    replacing = [False]  # an old run waits aside (--force) until this run's first checkpoint
 
     def checkpoint(at_epoch: int, at_step: int) -> None:
         """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
-        if stop["interrupted"] and replacing[0]:  # stopped (in a step, a test pass...) while an old run waits aside: it comes back
+        if stop["interrupted"] and replacing and not files.checkpointed:  # stopped (in a step, a test pass...) while an old run waits aside: it comes back
             raise TrainingInterrupted(f"{_stopped(stop)} before this run's first checkpoint; {run_dir} holds the run it was "
                                       "replacing again", stop["signal"])  # fmt: skip
         if not all(torch.isfinite(p).all() for p in net.parameters()):
@@ -564,7 +572,6 @@ def train(
                              "history": history, "optimizer": _optimizer_groups(optimizer),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None})  # fmt: skip
         files.mark_checkpointed()
-        replacing[0] = False
         dist.barrier()
 
     def write_history() -> None:
@@ -591,7 +598,7 @@ def train(
                                                      "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
                                                      **environment(device)})  # fmt: skip
         # a default name may have become NAME-2 on rank 0, which alone knows of an old run set aside
-        run_dir, replacing[0] = dist.broadcast_object((run_dir, files.replacing))
+        run_dir, replacing = dist.broadcast_object((run_dir, files.replacing))  # an old run waits aside (--force)
         while epoch < recipe.epochs:
             model.train()
             train_size = recipe.train_size(epoch)  # the test size, or smaller in early epochs (progressive resizing)
@@ -663,7 +670,7 @@ def train(
             test_acc = None
             if epoch + 1 == recipe.epochs or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
                 confusion = evaluate(classifier, test_loader, len(train_split.classes))
-                test_acc = confusion.diag().sum().item() / confusion.sum().item()
+                test_acc = accuracy(confusion)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": totals[0] / totals[2],
@@ -693,7 +700,7 @@ def train(
         run_dir=run_dir,
         train_loss=last["train_loss"],
         train_acc=last["train_acc"],
-        test_acc=confusion.diag().sum().item() / confusion.sum().item(),  # measured now (a finished run resumed: again)
+        test_acc=accuracy(confusion),  # measured now (a finished run resumed: again)
         examples_per_sec=seen / sum(r["seconds"] for r in history),
         compute_examples_per_sec=seen / sum(r["images_per_s"] * r["seconds"] / r["compute_images_per_s"] for r in history),
         device=str(device),

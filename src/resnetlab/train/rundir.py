@@ -56,12 +56,10 @@ def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Pa
         raise _unusable(run_dir, "create", err) from None
     if exists and not is_dir:
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
-    if has_files and ours and not is_run:  # --force replaces a run, never a user's own config.json
-        raise UsageError(f"--out {run_dir} holds {', '.join(ours)} but no resnetlab run, and resnetlab does not overwrite "
-                         "files it did not write; choose another --out")  # fmt: skip
-    if has_files and not is_run:  # a user's folder (as root, even /): a run goes into a new or empty one
-        raise UsageError(f"--out {run_dir} holds files but no resnetlab run; a run needs a new or empty folder: "
-                         "choose another --out")  # fmt: skip
+    if has_files and not is_run:  # a user's folder (as root, even /): --force replaces a run, never a user's files
+        why = (f"{', '.join(ours)} but no resnetlab run, and resnetlab does not overwrite files it did not write;" if ours
+               else "files but no resnetlab run; a run needs a new or empty folder:")  # fmt: skip
+        raise UsageError(f"--out {run_dir} holds {why} choose another --out")
     if has_files and not force:
         if not (run_dir / CHECKPOINT_NAME).is_file():  # e.g. a run killed (SIGKILL, power) before its first checkpoint
             aside = f" (the run it was replacing is in {run_dir / PREVIOUS_RUN})" if (run_dir / PREVIOUS_RUN).is_dir() else ""
