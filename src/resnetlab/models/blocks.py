@@ -8,6 +8,9 @@ stride on the 3x3 of the bottleneck, "ResNet v1.5") and keep its attribute names
 state dicts load with ``strict=True``. ``PreActBasicBlock`` / ``PreActBottleneck`` are the full
 pre-activation units of He et al. 2016b, "Identity Mappings in Deep Residual Networks".
 
+Every strided 1x1 convolution (the projection shortcuts) runs through :func:`conv1x1_unit_stride`,
+which works around a oneDNN defect; the modules and their parameters are plain ``nn.Conv2d``.
+
 Every block has ``zero_init_last()``, which zeroes the last affine step of its residual branch so
 that the block starts out as (ReLU of) its shortcut; ``ResNet(zero_init_residual=True)`` calls it.
 """
@@ -26,8 +29,10 @@ __all__ = [
     "Bottleneck",
     "PreActBasicBlock",
     "PreActBottleneck",
+    "Projection",
     "conv1x1",
     "conv3x3",
+    "conv1x1_unit_stride",
 ]
 
 
@@ -51,6 +56,52 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
         stride: stride; 2 halves height and width.
     """
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def conv1x1_unit_stride(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for a 1x1 convolution, its stride taken by slicing ``x`` first.
+
+    Why: oneDNN's weight gradient of a 1x1 convolution with stride > 1 on a channels_last input
+    with fewer input channels than its channel block (8 with AVX2 kernels, 16 with AVX-512) writes
+    past its workspace: the heap is corrupted with AVX-512 kernels (a crash at odd batch sizes, fp32
+    and bf16 alike) and the gradient is silently wrong with AVX2 kernels. Upstream: oneDNN issue
+    6035, "1x1 convolution backward_weights writes past the rtus workspace (nhwc, IC < ic_block)",
+    in torch 2.13 and 2.14. A 1x1 kernel reads one pixel per output, so convolving every
+    stride-th pixel at stride 1 is the same function (same parameters, multiply-adds and output),
+    and it never reaches that path. The module stays a plain ``nn.Conv2d`` with its stride, so
+    printing, initialising (the chapter's ``type(m) == nn.Conv2d``) and loading weights see no change.
+
+    Args:
+        conv: a ``nn.Conv2d``; anything but an unpadded 1x1 kernel with a stride is simply called.
+        x: its input.
+    """
+    if conv.kernel_size != (1, 1) or conv.stride == (1, 1) or conv.padding != (0, 0):
+        return conv(x)
+    sh, sw = conv.stride
+    return F.conv2d(x[:, :, ::sh, ::sw], conv.weight, conv.bias, 1, 0, conv.dilation, conv.groups)
+
+
+class Projection(nn.Sequential):
+    """A projection shortcut: a 1x1 convolution, then (plain blocks) a BatchNorm.
+
+    An ``nn.Sequential`` so that its keys read ``downsample.0.weight``, ``downsample.1.*`` as
+    torchvision's and timm's do; its forward differs only in running the convolution through
+    :func:`conv1x1_unit_stride`.
+
+    Args:
+        conv: the 1x1 convolution, with the block's stride.
+        *rest: what follows it (a BatchNorm2d), if anything.
+    """
+
+    def __init__(self, conv: nn.Conv2d, *rest: nn.Module) -> None:
+        super().__init__(conv, *rest)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, *rest = self
+        x = conv1x1_unit_stride(conv, x)
+        for module in rest:
+            x = module(x)
+        return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,7 +138,7 @@ class Residual(nn.Module):
         Y = F.relu(self.bn1(self.conv1(X)))
         Y = self.bn2(self.conv2(Y))
         if self.conv3 is not None:
-            X = self.conv3(X)
+            X = conv1x1_unit_stride(self.conv3, X)  # self.conv3(X), safe with channels_last
         Y += X
         return F.relu(Y)
 
@@ -156,7 +207,7 @@ class BasicBlock(nn.Module):
             outplanes: output channels of the block.
             stride: stride matching the block's.
         """
-        return nn.Sequential(conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
+        return Projection(conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -223,14 +274,14 @@ def _preact_shortcut(inplanes: int, outplanes: int, stride: int) -> nn.Module:
 
     No BatchNorm: the projection reads the unit's already normalised, activated input (see
     ``PreActBasicBlock``), and the sum is normalised by the next unit's first BN anyway.
-    Wrapped in Sequential so the key reads ``downsample.0.weight`` like the plain nets'.
+    A ``Projection`` (a Sequential) so the key reads ``downsample.0.weight`` like the plain nets'.
 
     Args:
         inplanes: input channels.
         outplanes: output channels of the unit.
         stride: stride matching the unit's.
     """
-    return nn.Sequential(conv1x1(inplanes, outplanes, stride))
+    return Projection(conv1x1(inplanes, outplanes, stride))
 
 
 class PreActBasicBlock(nn.Module):
