@@ -349,6 +349,69 @@ def test_killed_rank_restarts_resumes_and_ends_like_the_uninterrupted_run(two_no
         assert ra["train_acc"] == rb["train_acc"]
 
 
+# `resnetlab train` (as `torchrun $(which resnetlab) train` runs it) whose rank 0 SIGKILLs itself right after writing
+# the checkpoint at epoch 1, step 3: rank 1 then waits for it in the checkpoint's closing barrier.
+DIES_AFTER_STEP_3 = """
+import os, signal, sys
+import resnetlab.train.loop as loop
+from resnetlab.cli import main
+
+save = loop.save_checkpoint
+def save_then_die(path, tensors, meta):
+    save(path, tensors, meta)
+    if meta["position"] == {"epoch": 0, "step": 3}:
+        os.kill(os.getpid(), signal.SIGKILL)
+loop.save_checkpoint = save_then_die
+sys.exit(main())
+"""
+
+
+def test_plain_torchrun_worker_that_lost_its_peer_says_so_in_one_line(folder, tmp_path):
+    """Plain torchrun (not --nproc), no restarts, rank 0 SIGKILLed mid-epoch: rank 1's barrier fails in gloo with
+    a plain RuntimeError ("Connection closed by peer"), which printed a 20-line traceback; now one line saying
+    what happened and how to continue. --monitor-interval: torchrun would otherwise SIGTERM rank 1 (silently)
+    as soon as it sees rank 0 gone, possibly before rank 1 has said anything."""
+    out, log, logs, script = tmp_path / "run", tmp_path / "torchrun.log", tmp_path / "logs", tmp_path / "resnetlab_dies.py"
+    script.write_text(DIES_AFTER_STEP_3)
+    flags = [f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"
+             for k, v in dict(TWO, dataset=folder, out=out, checkpoint_every=1).items()]  # fmt: skip
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0", "--monitor-interval=5",
+           f"--log-dir={logs}", "--redirects=3", str(script), "train", *flags]  # fmt: skip
+    proc = start(cmd, log, child_env())
+    text = finish(proc, log, time.monotonic() + TIMEOUT)
+    assert proc.returncode != 0, text[-3000:]
+    assert position(out) == (0, 3), text[-3000:]  # rank 0 died where the driver says, after its checkpoint
+    [stderr] = logs.glob("*/attempt_0/1/stderr.log")  # rank 1's own stderr (torchrun's report of the failure is its own)
+    err = stderr.read_text()
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err[-3000:]  # that one line, nothing else
+    assert lines[0].startswith("resnetlab: error: process 1 lost the other processes ("), lines[0]
+    assert lines[0].endswith(f"one of them died; torchrun stops the job (no restarts left); "
+                             f"continue from the last checkpoint with: resnetlab train --resume {out} --nproc 2"), lines[0]
+
+
+def test_lost_peer_line_names_torchelastic_restart(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """gloo's dead-peer errors are plain RuntimeErrors: with restarts left, the line says torchrun restarts the group."""
+    import argparse
+
+    from resnetlab import cli
+
+    def lost(args):  # noqa: ANN001, ANN202
+        raise RuntimeError("[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5. This is typically "
+                           "caused by a remote worker crashing. GLHF!")  # fmt: skip
+
+    monkeypatch.setattr(cli, "_handler", lambda command: lost)
+    for key, value in dict(RANK="1", WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_RESTART_COUNT="1").items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["train", "--out", "R"]) == 1
+    assert capsys.readouterr().err == ("resnetlab: error: process 1 lost the other processes ([/x/gloo/transport/tcp/pair.cc:553] "
+                                       "Connection closed by peer [127.0.0.1]:5): one of them died; torchrun restarts them all "
+                                       "(restart 2 of 3), resuming from the last checkpoint\n")  # fmt: skip
+    assert not cli._lost_peers(RuntimeError("a plain bug"))  # any other RuntimeError stays a traceback
+    assert "starting over" in cli._after_lost_peers(argparse.Namespace(out=None, resume=None))
+
+
 def test_resume_on_another_world_size_is_refused(single, two_nodes, tmp_path):
     # 2 processes -> 1: refused before anything is written
     copy2 = tmp_path / "two"

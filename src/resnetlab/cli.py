@@ -278,9 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"resnetlab: error: {err}", file=sys.stderr)
         return err.exit_code
     except (MemoryError, RuntimeError) as err:
-        if _lost_peers(err):  # a torchrun worker whose peer died: the launcher names that one
-            print(f"resnetlab: error: process {os.environ.get('RANK')} lost the other processes "
-                  f"({(str(err).strip().splitlines() or [type(err).__name__])[0]})", file=sys.stderr)  # fmt: skip
+        if _lost_peers(err):  # a torchrun worker whose peer died: the launcher (or torchrun) names that one
+            said = re.split(r"\.\s", (str(err).strip().splitlines() or [type(err).__name__])[0], maxsplit=1)[0]
+            print(f"resnetlab: error: process {os.environ.get('RANK')} lost the other processes ({said}): "
+                  f"one of them died; {_after_lost_peers(args)}", file=sys.stderr)  # fmt: skip
             return 1
         if not isinstance(err, MemoryError) and not _TOO_LARGE.search(str(err)):
             raise
@@ -361,10 +362,29 @@ _SIZE_OPTIONS = ("input", "width", "resize", "progressive_sizes", "batch_size", 
                  "peak_size", "bf16_peak_size")  # fmt: skip
 
 
+# How gloo says a peer's connection is gone. Its collectives raise these as plain RuntimeErrors, not as
+# torch.distributed.DistError (PyTorch 2.13: all_reduce, broadcast, barrier, DDP's buffer broadcast).
+_PEER_GONE = re.compile(r"gloo/transport/.*(?:Connection (?:reset|closed) by peer|Broken pipe)")
+
+
 def _lost_peers(err: BaseException) -> bool:
     """Whether ``err`` is torch.distributed failing to reach the other workers (one of them died)."""
     dist = sys.modules.get("torch.distributed")
-    return "RANK" in os.environ and dist is not None and isinstance(err, getattr(dist, "DistError", ()))
+    if "RANK" not in os.environ or dist is None:
+        return False
+    return isinstance(err, getattr(dist, "DistError", ())) or (isinstance(err, RuntimeError) and bool(_PEER_GONE.search(str(err))))
+
+
+def _after_lost_peers(args: argparse.Namespace) -> str:
+    """What happens after a worker lost its peers: torchelastic's restart, or the command that continues the run."""
+    run = getattr(args, "resume", None) or getattr(args, "out", None)
+    restarts, done = os.environ.get("TORCHELASTIC_MAX_RESTARTS"), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts is not None and done < int(restarts):
+        return (f"torchrun restarts them all (restart {done + 1} of {restarts}), "
+                + ("resuming from the last checkpoint" if run else "starting over (give --out to resume instead)"))  # fmt: skip
+    stops = "torchrun stops the job (no restarts left); " if restarts is not None else ""
+    nproc = f" --nproc {os.environ['WORLD_SIZE']}" if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" and "WORLD_SIZE" in os.environ else ""
+    return f"{stops}continue from the last checkpoint with: resnetlab train --resume {run or 'RUN_DIR'}{nproc}"
 
 
 def _too_large(err: BaseException, args: argparse.Namespace) -> str:
