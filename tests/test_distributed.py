@@ -134,7 +134,8 @@ def worker_pids(agent: int) -> dict[int, int]:
 
 
 def state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    tensors, _ = read_checkpoint(run_dir)
+    with float64():  # the runs compared are float64 (DRIVER), and reading checks the weights' dtype against the model's
+        tensors, _ = read_checkpoint(run_dir)
     return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim."))}
 
 
@@ -416,13 +417,14 @@ def test_resume_on_another_world_size_is_refused(single, two_nodes, tmp_path):
     # 2 processes -> 1: refused before anything is written
     copy2 = tmp_path / "two"
     shutil.copytree(two_nodes["run_dir"], copy2)
-    with pytest.raises(UsageError, match=r"trained by 2 process\(es\) but this run has 1"):
+    with pytest.raises(UsageError, match=r"trained by 2 process\(es\) but this run has 1"), float64():  # the runs' dtype
         train(resume=copy2)
-    # 1 process -> 2 with --nproc: refused once, before torchrun starts
+    # 1 process -> 2 with --nproc: refused once, before torchrun starts (the launcher in float64 too, as the run)
     copy1 = tmp_path / "one"
     shutil.copytree(single[0].run_dir, copy1)
     before = (copy1 / CHECKPOINT_NAME).read_bytes()
-    proc = subprocess.run([PY, "-m", "resnetlab", "train", "--nproc", "2", "--resume", str(copy1)], capture_output=True,
+    launcher = "import sys, torch; torch.set_default_dtype(torch.float64); from resnetlab.cli import main; sys.exit(main())"
+    proc = subprocess.run([PY, "-c", launcher, "train", "--nproc", "2", "--resume", str(copy1)], capture_output=True,
                           text=True, env=child_env(), timeout=TIMEOUT, start_new_session=True)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("trained by 1 process(es) but this run has 2") == 1 and proc.stderr.count("\n") == 1

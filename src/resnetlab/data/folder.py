@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -98,20 +100,66 @@ def _size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
 
 def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     try:
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+        class_dirs = sorted(p for p in entries if p.is_dir())
     except OSError as err:
         raise DataError(f"{root}: cannot list ({err.strerror or err})") from None
     if not class_dirs:
         raise DataError(f"{root}: no class sub-folders (expected PATH/<class>/<image>)")
+    reals = _check_class_links(root, entries, class_dirs)
     files: list[tuple[Path, int]] = []
+    seen: dict[Path, tuple[Path, int]] = {}  # the real file -> where it was found first
     for label, d in enumerate(class_dirs):
         imgs = sorted(
             p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
         )
         if not imgs:
             raise DataError(f"{d}: empty class: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for p in imgs:  # rglob follows no folder link below d: only p itself may be a link
+            real = p.resolve() if p.is_symlink() else reals[d] / p.relative_to(d)
+            first, first_label = seen.setdefault(real, (p, label))
+            if first != p:  # also in one class: the hold-out could put one copy in training and one in test
+                where = f"classes {d.name} and {class_dirs[first_label].name}" if first_label != label else f"class {d.name} twice"
+                raise DataError(f"{p} and {first} are the same file ({real}), in {where}: a link makes one image count twice; "
+                                "remove the link")  # fmt: skip
         files.extend((p, label) for p in imgs)
     return [d.name for d in class_dirs], files
+
+
+def _check_class_links(root: Path, entries: list[Path], class_dirs: list[Path]) -> dict[Path, Path]:
+    """Refuse class-folder links that loop or that put the same images in two classes; the real folder of each class.
+
+    Args:
+        root: the folder whose sub-folders are the classes.
+        entries: its visible entries.
+        class_dirs: those that are folders (through links too).
+
+    A class folder may be a link to a folder elsewhere (images kept on another disk): that is
+    allowed. Refused are a link that loops (it was skipped silently), and a link whose target
+    overlaps the dataset: the root or a folder above it (``ln -s . data/c`` put every image in
+    class c as well as in its own), another class's folder, or a folder inside one. Links to
+    single images are checked by the file they reach, in :func:`_scan`.
+    """
+    for p in entries:
+        if p.is_symlink():
+            try:
+                os.stat(p)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise DataError(f"{p} is a symbolic link that loops; remove it or point it at a folder of images") from None
+    real_root = root.resolve()
+    reals = {d: d.resolve() for d in class_dirs}
+    fix = "remove the link, or point it at a folder of this class's images only"
+    for d, real in reals.items():
+        if real == real_root or real in real_root.parents:
+            raise DataError(f"{d} is a link to {real}, which holds the whole dataset {root}: every image would be in two classes; {fix}")
+    for d, real in reals.items():
+        for other, other_real in reals.items():
+            if other != d and (real == other_real or other_real in real.parents):  # d's images are some of other's
+                link, target = (d, other) if d.is_symlink() else (other, d)
+                raise DataError(f"{link} is a link to {reals[link]}, which overlaps class folder {target}: the same images "
+                                f"would be in two classes; {fix}")  # fmt: skip
+    return reals
 
 
 def _check_classes(root: Path, classes: list[str]) -> None:

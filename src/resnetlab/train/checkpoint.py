@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab.errors import CheckpointError
+from resnetlab.errors import CheckpointError, UsageError
 from resnetlab.fileio import fsync_dir, is_torch_save, read_head, umask_mode
 
 CHECKPOINT_NAME = "last.safetensors"
 FORMAT_VERSION = 1
 # metadata every checkpoint written by training holds; using or resuming one reads them all
 _META_KEYS = ("model", "classes", "input_shape", "preprocessing", "dataset", "recipe", "position", "sums", "history", "optimizer")
+PREVIOUS_RUN = ".previous-run"  # where the run that --force replaces waits for the new run's first checkpoint
+# torch.cuda.get_rng_state(): a Philox seed and offset of 8 bytes each (CUDAGeneratorImpl::get_state); the CPU's
+# length is asked of torch.get_rng_state() itself
+CUDA_RNG_BYTES = 16
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # what a stored tensor must be: its dtype and shape
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -65,6 +72,10 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / CHECKPOINT_NAME
     if not p.exists():
+        aside = p.parent / PREVIOUS_RUN
+        if aside.is_dir():  # as `train --resume` says: "no checkpoint" alone hid the old run waiting there
+            raise CheckpointError(f"no checkpoint at {p}: a --force run was stopped before its first one; the run it was "
+                                  f"replacing is in {aside} (give that folder, or move its files back)")  # fmt: skip
         raise CheckpointError(f"no checkpoint at {p}; give a run directory or its {CHECKPOINT_NAME}")
     if not p.is_file():  # opening a FIFO waits for a writer, maybe forever
         raise CheckpointError(f"{p} is not a regular file (a directory, FIFO or device); give a run directory or its {CHECKPOINT_NAME}")
@@ -113,7 +124,106 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     wrong = _wrong_meta(meta)
     if wrong:
         raise CheckpointError(f"{p} has corrupt resnetlab metadata ({wrong}); it is damaged or was edited by hand")
+    try:
+        skeleton = model_skeleton(meta)
+    except UsageError as err:  # an unknown model or option: create_model's own words, with the file's name
+        raise CheckpointError(f"{p} has corrupt resnetlab metadata (model: {err}); it is damaged or was edited by hand") from None
+    check_weights(skeleton, prefixed(tensors, "model."), f"{p}: the weights do not fit the {spec['name']} "
+                  f"{spec['options']} its metadata describes")  # fmt: skip
     return tensors, meta
+
+
+def model_skeleton(meta: dict[str, Any]) -> nn.Module:
+    """The network ``meta`` describes, on the meta device: its state's dtypes and shapes, no memory.
+
+    Args:
+        meta: a checkpoint's metadata (its ``model`` name and options).
+    """
+    from resnetlab.models import create_model
+
+    with torch.device("meta"):
+        return create_model(meta["model"]["name"], **meta["model"]["options"])
+
+
+def tensor_mismatch(found: dict[str, torch.Tensor], expected: dict[str, TensorSpec], holder: str) -> str | None:
+    """The first way ``found`` differs from ``expected``, or None.
+
+    Args:
+        found: tensors read from a checkpoint.
+        expected: name -> (dtype, shape) of every tensor that must be there, and of no other.
+        holder: where the expected dtype or shape comes from, for the message (``in the model``).
+
+    A tensor of another dtype is a difference, never cast: int8 weights loaded into a float model
+    evaluated at chance, and an fp16 optimizer state resumed silently.
+    """
+    for k, (dtype, shape) in expected.items():
+        t = found.get(k)
+        if t is not None and (t.dtype, tuple(t.shape)) != (dtype, shape):
+            ours, theirs = ((str(t.dtype), str(dtype)) if t.dtype != dtype else (tuple(t.shape), shape))
+            return f"{k} is {str(ours).removeprefix('torch.')} in the file, {str(theirs).removeprefix('torch.')} {holder}"
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    return f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else None
+
+
+def optimizer_state_spec(optimizer: torch.optim.Optimizer) -> dict[str, TensorSpec]:
+    """``optim.<index>.<key>`` -> (dtype, shape) of the state ``optimizer`` holds after a step, as a checkpoint stores it.
+
+    Args:
+        optimizer: the optimizer a resumed run builds (its parameters may be on the meta device).
+
+    Measured on a one-parameter twin of each param group, stepped once, so that the keys and
+    dtypes are torch's own for that type and those settings (SGD: ``momentum_buffer``, none at
+    momentum 0; AdamW: ``exp_avg``, ``exp_avg_sq`` and a float32 scalar ``step``) rather than a
+    copy of them. Indices count the parameters group after group, as ``state_dict()`` does.
+    """
+    spec: dict[str, TensorSpec] = {}
+    index = 0
+    for group in optimizer.param_groups:
+        probe = torch.zeros(2, requires_grad=True)
+        twin = type(optimizer)([probe], lr=group["lr"])
+        twin.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+        probe.grad = torch.zeros(2)
+        twin.step()
+        state = {k: v for k, v in twin.state[probe].items() if isinstance(v, torch.Tensor)}
+        for p in group["params"]:
+            for key, v in state.items():  # a state tensor is the parameter's shape, or a scalar (AdamW's step)
+                spec[f"optim.{index}.{key}"] = (v.dtype, tuple(p.shape) if v.shape == probe.shape else tuple(v.shape))
+            index += 1
+    return spec
+
+
+def wrong_optimizer_groups(saved: Any, optimizer: torch.optim.Optimizer) -> str | None:
+    """What is wrong with a checkpoint's ``optimizer`` metadata (its param groups' settings), or None.
+
+    Args:
+        saved: the metadata's ``optimizer``: one dict per param group, as torch writes them less ``params``.
+        optimizer: the optimizer the resumed run builds, whose groups the saved ones update.
+
+    Each group must hold the numeric settings of ``optimizer``'s (lr, weight_decay, momentum or
+    betas and eps...) as finite numbers >= 0 (betas in [0, 1)), and no key ``optimizer`` lacks;
+    its flags (nesterov, foreach...) may be absent, as in older torch versions' files, where torch
+    fills in their defaults.
+    """
+    ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if not (isinstance(saved, list) and len(saved) == len(ours) and all(isinstance(g, dict) for g in saved)):
+        return f"optimizer is {repr(saved)[:60]}, not a list of {len(ours)} param groups"
+
+    def fits(value: Any, like: Any, high: float = math.inf) -> bool:
+        if isinstance(like, (list, tuple)):  # betas: (beta1, beta2), each in [0, 1); a list in JSON
+            return isinstance(value, list) and len(value) == len(like) and all(fits(v, 0.0, high=1.0) for v in value)
+        if isinstance(like, numbers.Real) and not isinstance(like, bool):
+            # <= the largest float, not isfinite: NaN fails it, and a huge JSON int makes isfinite raise
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < high and value <= sys.float_info.max
+        return type(value) is type(like)  # flags: true/false, or None (fused)
+
+    for i, (group, like) in enumerate(zip(saved, ours)):
+        for key in {**like, **group}:
+            needed = isinstance(like.get(key), (numbers.Real, list, tuple)) and not isinstance(like.get(key), bool)
+            if key not in like or (key in group and not fits(group[key], like[key])) or (needed and key not in group):
+                shown = repr(group[key])[:60] if key in group else "missing"
+                return f"optimizer[{i}].{key} is {shown}, not as torch's {type(optimizer).__name__} has it"
+    return None
 
 
 def _wrong_meta(meta: dict[str, Any]) -> str | None:
@@ -143,8 +253,9 @@ def _wrong_meta(meta: dict[str, Any]) -> str | None:
     for key in ("tta", "channels_last"):
         if not isinstance(meta.get(key, False), bool):
             return f"{key} is {meta[key]!r}, not true or false"
-    if meta.get("eval_precision", "fp32") not in ("fp32", "bf16", "fp16"):
-        return f"eval_precision is {meta['eval_precision']!r}, not fp32, bf16 or fp16"
+    for key in ("train_precision", "eval_precision"):  # eval_precision: its name in earlier checkpoints
+        if meta.get(key, "fp32") not in ("fp32", "bf16", "fp16"):
+            return f"{key} is {meta[key]!r}, not fp32, bf16 or fp16"
     if not isinstance(meta["dataset"], str):
         return f"dataset is {meta['dataset']!r}, not a name"
     return None
@@ -163,8 +274,8 @@ class Classifier(nn.Module):
         preprocess: resize and normalisation (:class:`resnetlab.data.Preprocess`).
         classes: class names, in label order.
         tta: also run the mirror image and average the logits.
-        precision: ``fp32``, ``bf16`` or ``fp16`` autocast inside ``forward``, so that evaluating a
-            checkpoint reproduces the accuracy measured during training exactly.
+        precision: ``fp32`` (the default everywhere: the same probabilities on every machine, and
+            those of the ONNX export), or ``bf16``/``fp16`` autocast inside ``forward`` (opt-in).
         input_shape: native (C, H, W) the model expects.
     """
 
@@ -200,28 +311,32 @@ class Classifier(nn.Module):
         return logits.float()
 
 
-def load_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    """Load ``weights`` into ``net`` strictly, or raise a one-line CheckpointError: ``what`` and the first difference.
+def check_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Raise a one-line CheckpointError, ``what`` and the first difference, unless ``weights`` are
+    exactly ``net``'s state: the same keys, each of the same dtype and shape.
 
-    Compared here, not left to load_state_dict, whose size mismatch is a RuntimeError of many lines.
+    Compared here, not left to load_state_dict, whose size mismatch is a RuntimeError of many lines
+    and which casts another dtype silently.
     """
-    target = net.state_dict()
-    missing = [k for k in target if k not in weights]
-    unexpected = [k for k in weights if k not in target]
-    shapes = [k for k in target if k in weights and weights[k].shape != target[k].shape]
-    if missing or unexpected or shapes:
-        first = (f"{shapes[0]} is {tuple(weights[shapes[0]].shape)} in the file, {tuple(target[shapes[0]].shape)} in the model"
-                 if shapes else f"missing {missing[:3]}, unexpected {unexpected[:3]}")  # fmt: skip
+    first = tensor_mismatch(weights, {k: (v.dtype, tuple(v.shape)) for k, v in net.state_dict().items()}, "in the model")
+    if first:
         raise CheckpointError(f"{what} ({first}); the checkpoint is damaged")
+
+
+def load_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``weights`` into ``net`` strictly, or raise a one-line CheckpointError (see :func:`check_weights`)."""
+    check_weights(net, weights, what)
     net.load_state_dict(weights)
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32") -> Classifier:
     """Load a resnetlab checkpoint as a :class:`Classifier` in eval mode.
 
     Args:
         path: a run directory or its ``last.safetensors``.
         device: where to put the model.
+        precision: ``fp32`` (default: the same results on every machine, whatever the run trained
+            in), ``bf16`` or ``fp16`` (autocast; opt-in, for speed where it is native).
 
     The result maps float images in [0, 1] (N x C x H x W at the dataset's native size) to logits;
     its ``.classes`` holds the class names and ``.meta`` the checkpoint's metadata.
@@ -239,7 +354,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         Preprocess.from_config(meta["preprocessing"]),
         meta["classes"],
         tta=meta.get("tta", False),
-        precision=meta.get("eval_precision", "fp32"),
+        precision=precision,
         input_shape=tuple(meta["input_shape"]),
         channels_last=meta.get("channels_last", False),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,9 @@ MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 # CLI's one-line out-of-memory error.
 MAX_SIZE = 2**31 - 1
 MAX_FLOAT32 = 3.4028234663852886e38
+# A field's annotation -> the values it takes and their name. bool is an int to Python: refused where it is not named.
+_FIELD_TYPES: dict[str, tuple[type, str]] = {"str": (str, "a string"), "int": (numbers.Integral, "an integer"),
+                                             "float": (numbers.Real, "a number"), "bool": (bool, "true or false")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -136,13 +140,29 @@ class Recipe:
             options["stem"] = self.stem
         return options
 
+    def check_types(self) -> "Recipe":
+        """Raise UsageError for a field of the wrong type; return self.
+
+        The CLI's flags parse their types; Python callers and checkpoints' metadata (edited,
+        damaged) can hold anything, which the range checks of :meth:`validate` met as a TypeError.
+        """
+        for f in dataclasses.fields(self):
+            value, annotation = getattr(self, f.name), str(f.type)
+            kind, name = _FIELD_TYPES[annotation.removesuffix(" | None")]
+            if value is None and annotation.endswith(" | None"):
+                continue
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise UsageError(f"{f.name.replace('_', ' ')} must be {name}, not {value!r}")
+        return self
+
     def validate(self) -> "Recipe":
         """Raise UsageError for values that cannot mean anything; return self."""
+        self.check_types()
         for f in dataclasses.fields(self):  # first: inf passes range checks such as lr > 0, and nan fails them obscurely
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, not {value}")
-            if isinstance(value, float) and abs(value) > MAX_FLOAT32:  # torch stores lr and decay as float32 scalars
+            if f.type == "float" and abs(value) > MAX_FLOAT32:  # torch stores lr and decay as float32 scalars (an int too)
                 raise UsageError(f"{f.name.replace('_', ' ')} must be at most {MAX_FLOAT32:.3g} (float32), not {value}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
@@ -232,7 +252,9 @@ WARMUP_EVERY_SCHEDULE = "warmup_every_schedule"
 def recipe_as_trained(fields: dict[str, Any], meta: dict[str, Any]) -> Recipe:
     """The recipe of a checkpoint (its fields and meta), as it trained: combinations that earlier
     versions ignored silently, and now refuse or honour, stay ignored for the runs that used them."""
-    recipe = Recipe(**fields)
+    recipe = Recipe(**fields).check_types()
+    if len(recipe.progressive()) > len(recipe.early_sizes()):  # the sizes past the last-but-one epoch were dropped
+        recipe = dataclasses.replace(recipe, progressive_sizes=",".join(map(str, recipe.early_sizes())) or "none")
     if recipe.optimizer == "sgd" and recipe.nesterov and recipe.momentum == 0:  # it trained as plain SGD
         recipe = dataclasses.replace(recipe, nesterov=False)
     if recipe.schedule == "constant" and not meta.get(WARMUP_EVERY_SCHEDULE):
