@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,12 +25,17 @@ import torch
 
 from resnetlab.errors import UsageError
 from resnetlab.onnx_runtime import EXPORT_NAME
-from resnetlab.train.checkpoint import CHECKPOINT_NAME, atomic_write_bytes
+from resnetlab.train.checkpoint import CHECKPOINT_NAME, PREVIOUS_RUN, atomic_write_bytes  # PREVIOUS_RUN: eval names it too
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
 RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json")
 REPLACED_FILES = (*RUN_FILES, EXPORT_NAME)  # what --force replaces: the run's files and its exported model
-PREVIOUS_RUN = ".previous-run"  # where the run that --force replaces waits for the new run's first checkpoint
+LOCK_NAME = ".lock"  # held by the live run (see RunLock); not a file of the run: checks, --force and cleanup pass over it
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no lock (a run directory is then guarded by the checks alone)
+    fcntl = None  # type: ignore[assignment]
 
 
 def _unusable(run_dir: Path, doing: str, err: OSError) -> UsageError:
@@ -47,9 +53,21 @@ def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Pa
     # normpath: `missing/../RUN` names RUN, but Path("missing/../RUN").is_dir() is False, which let an
     # existing run through this check and have its files removed as an old run's.
     run_dir = Path(os.path.normpath(out))
+    check_not_in_use(run_dir)  # early, before the data loads; RunFiles.create() takes the lock and checks again
+    check_run_dir(run_dir, force)
+    return run_dir
+
+
+def check_run_dir(run_dir: Path, force: bool) -> None:
+    """Refuse ``run_dir`` for a new run if it is a file, a user's folder, or a run and not ``force``.
+
+    Args:
+        run_dir: the ``--out`` directory (it may not exist).
+        force: the old run in it may be replaced.
+    """
     try:
         exists, is_dir = run_dir.exists(), run_dir.is_dir()
-        has_files = is_dir and any(run_dir.iterdir())
+        has_files = is_dir and any(p.name != LOCK_NAME for p in run_dir.iterdir())  # a stale lock alone is no run
         is_run = has_files and _holds_a_run(run_dir)
         ours = has_files and [n for n in RUN_FILES if os.path.lexists(run_dir / n)]
     except OSError as err:  # e.g. a name too long for the file system: pathlib raises instead of answering False
@@ -69,7 +87,122 @@ def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Pa
             f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
             "--force to overwrite it, or another --out"
         )
-    return run_dir
+
+
+def checkpoint_stamp(run_dir: Path) -> tuple[int, int, int] | None:
+    """Identity of ``run_dir``'s checkpoint (a rewrite renames a new file over it), or None if it has none."""
+    try:
+        st = (run_dir / CHECKPOINT_NAME).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class RunLock:
+    """The lock a live run holds on its directory: ``flock`` on ``RUN/.lock``, which holds its PID.
+
+    Why flock: the OS releases it when the process dies, even by SIGKILL or a power loss, so a
+    lock is never stale (a ``.lock`` file a killed run leaves is ignored). Checking that a
+    directory is free and then creating it left a gap in which two runs both passed; a run takes
+    this lock first and only then decides what to do with the directory's contents.
+
+    A run that ends removes the file while it still holds it, then releases it; a run that opened
+    the file just before then locks a removed file, so :meth:`acquire` checks that the path still
+    names the file it locked.
+
+    Args:
+        run_dir: the run directory (it must exist).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self._file: Any = None
+        self._removed = False
+
+    def acquire(self) -> None:
+        """Take the lock and write this process's PID into it.
+
+        Raises:
+            UsageError: a live run holds it.
+            OSError: the lock file cannot be created.
+        """
+        if fcntl is None:
+            return
+        for _ in range(100):  # a retry only when the holder removed the file as it was opened
+            f = open(self.path, "a+")  # held for the life of the run
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use(self.path.parent, f) from None
+            except BaseException:
+                f.close()
+                raise
+            try:
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+                self._file = f
+                return
+            f.close()
+        raise UsageError(f"cannot lock run directory {self.path.parent}: its lock file keeps being replaced; choose another --out")
+
+    def remove_file(self) -> None:
+        """Remove the lock file (once, and only while holding it: a file created later is another run's)."""
+        if self._file is not None and not self._removed:
+            self._removed = True
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def release(self) -> None:
+        """Remove the lock file, then unlock (closing it unlocks)."""
+        if self._file is not None:
+            self.remove_file()
+            self._file.close()
+            self._file = None
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """Refuse ``run_dir`` at once if a live run holds it (an early check: only :meth:`RunLock.acquire` decides).
+
+    Only rank 0 and the ``--nproc`` launcher call it: the probe holds the lock for an instant.
+
+    Args:
+        run_dir: a run directory, which may not exist (then no run holds it).
+
+    Raises:
+        UsageError: a live run holds ``run_dir``; the message names its PID.
+    """
+    if fcntl is None:
+        return
+    try:
+        f = open(run_dir / LOCK_NAME, "rb")  # no lock file, no run: nothing is created here
+    except OSError:
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: works on a read-only file, even over NFS
+        except BlockingIOError:
+            raise _in_use(run_dir, f) from None
+
+
+def _in_use(run_dir: Path, lock_file: Any) -> UsageError:
+    """The refusal naming the PID in the held ``lock_file`` (which it closes); the holder writes it just after locking."""
+    with lock_file:
+        for _ in range(20):
+            lock_file.seek(0)
+            pid = lock_file.read().strip()
+            pid = pid.decode(errors="replace") if isinstance(pid, bytes) else pid
+            if pid:
+                break
+            time.sleep(0.05)
+    who = f"PID {pid}" if pid else "its PID is not written yet"
+    return UsageError(f"run directory {run_dir} is in use by a live run ({who}); wait for it to finish or stop it, "
+                      "or choose another --out")  # fmt: skip
 
 
 def _holds_a_run(run_dir: Path) -> bool:
@@ -102,22 +235,32 @@ class RunFiles:
     aside. A ``.previous-run/`` beside a checkpoint, or empty, is stale (its replacement
     checkpointed): --force and --resume remove it.
 
+    The live run holds the directory's :class:`RunLock` from :meth:`create` to :meth:`release`
+    (the end of the run), or to a failure.
+
     Args:
         run_dir: the directory, from :func:`prepare_run_dir`.
         new: a new run (not a resumed one).
         unique: ``run_dir`` is a default name: take ``NAME-2``, ``NAME-3``... if it exists.
+        force: ``--force`` (checked again under the lock).
+        resumed_stamp: a resumed run: :func:`checkpoint_stamp` of the checkpoint before it was read.
     """
 
-    def __init__(self, run_dir: Path, new: bool, unique: bool = False) -> None:
+    def __init__(self, run_dir: Path, new: bool, unique: bool = False, force: bool = False,
+                 resumed_stamp: tuple[int, int, int] | None = None) -> None:  # fmt: skip
         self.run_dir = run_dir
         self.new = new
         self.unique = unique
+        self.force = force
+        self.resumed_stamp = resumed_stamp
         self.checkpointed = not new  # a resumed run has its checkpoint
         self._made: list[Path] | None = None  # what create() made, innermost first; None before create()
         self._aside: Path | None = None  # where the run that --force replaces waits
+        self._lock: RunLock | None = None
 
     def create(self) -> Path:
-        """Make (or claim) the directory and set an old run's files aside (--force), now that the run has passed its checks."""
+        """Make (or claim) the directory, lock it, check again what it holds, and set an old run's files
+        aside (--force), now that the run has passed its checks."""
         try:
             missing = [d for d in self.run_dir.parents if not d.exists()]
             if self.unique:
@@ -128,17 +271,36 @@ class RunFiles:
                 if not self.run_dir.exists():
                     missing.insert(0, self.run_dir)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.run_dir)
+            lock.acquire()  # before this run's first file: of two runs that passed the checks together, one stops here
         except OSError as err:
             raise _unusable(self.run_dir, "create", err) from None
-        if self.new:
-            try:
-                self._set_aside_old_run()
-            except OSError as err:
-                raise _unusable(self.run_dir, "overwrite", err) from None
-        elif (self.run_dir / PREVIOUS_RUN).is_dir():  # stale: the resumed run checkpointed after it replaced that run
-            self._aside = self.run_dir / PREVIOUS_RUN
+        try:
+            # again, under the lock: another run may have written here since prepare_run_dir looked
+            if self.new and not self.unique:
+                check_run_dir(self.run_dir, self.force)
+            elif self.resumed_stamp is not None and checkpoint_stamp(self.run_dir) != self.resumed_stamp:
+                raise UsageError(f"run directory {self.run_dir} was written by another run while this one started; "
+                                 f"resume it again: resnetlab train --resume {self.run_dir}")  # fmt: skip
+            if self.new:
+                try:
+                    self._set_aside_old_run()
+                except OSError as err:
+                    raise _unusable(self.run_dir, "overwrite", err) from None
+            elif (self.run_dir / PREVIOUS_RUN).is_dir():  # stale: the resumed run checkpointed after it replaced that run
+                self._aside = self.run_dir / PREVIOUS_RUN
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
         self._made = missing  # only now: a failed create() leaves any old run's files to the user
         return self.run_dir
+
+    def release(self) -> None:
+        """The run is over (its last file written): remove the lock file and release the lock."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _set_aside_old_run(self) -> None:
         aside = self.run_dir / PREVIOUS_RUN
@@ -178,19 +340,26 @@ class RunFiles:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None or self.checkpointed or self._made is None:
+        if exc_type is None:  # the run goes on to write its last files; train() calls release() after them
             return
-        # Best effort: the run's own error is what the user must see. rmdir stops at a directory
-        # that is not empty (something else was put there meanwhile), and keeps it.
-        # A second Ctrl-C waits until the old run is back (it would leave it in .previous-run).
-        with contextlib.suppress(OSError), _signals_blocked():
-            self._remove_run_files()
-            if self._aside is not None:
-                for path in self._aside.iterdir():
-                    path.rename(self.run_dir / path.name)
-                self._aside.rmdir()
-            for d in self._made:
-                d.rmdir()
+        try:
+            if self.checkpointed or self._made is None:
+                return
+            # Best effort: the run's own error is what the user must see. rmdir stops at a directory
+            # that is not empty (something else was put there meanwhile), and keeps it.
+            # A second Ctrl-C waits until the old run is back (it would leave it in .previous-run).
+            with contextlib.suppress(OSError), _signals_blocked():
+                self._remove_run_files()
+                if self._aside is not None:
+                    for path in self._aside.iterdir():
+                        path.rename(self.run_dir / path.name)
+                    self._aside.rmdir()
+                if self._lock is not None:
+                    self._lock.remove_file()  # still held: no other run is in the directory while it goes
+                for d in self._made:
+                    d.rmdir()
+        finally:
+            self.release()  # last
 
 
 @contextlib.contextmanager
