@@ -46,7 +46,7 @@ def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "run"
     with contextlib.redirect_stdout(io.StringIO()):
         train("fast", out=out, subset=256, epochs=1, model="resnet10", width=8, resize=16, tta=True,
-              device="cpu", progress=False)  # fmt: skip
+              device="cpu", precision="fp32", progress=False)  # fmt: skip (bf16: tests/test_precision.py)
     return out
 
 
@@ -72,9 +72,7 @@ def fashion_test_images() -> np.ndarray:
 def _torch_classifier(run_dir: Path):
     from resnetlab.train.checkpoint import load_checkpoint
 
-    classifier = load_checkpoint(run_dir)
-    classifier.precision = "fp32"
-    return classifier
+    return load_checkpoint(run_dir)
 
 
 def test_export_writes_a_verified_file_in_the_run_directory(exported, run_dir):

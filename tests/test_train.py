@@ -23,9 +23,11 @@ from resnetlab.train import RECIPES, NonFiniteLoss, load_checkpoint, train
 from resnetlab.train import loop as loop_module
 from resnetlab.train.checkpoint import read_checkpoint
 
-# eval_every=1: fast tests after its last epoch only, and these tests compare every epoch's test accuracy
-TINY = dict(model="resnet10", width=8, subset=512, batch_size=64, epochs=2, eval_every=1, progress=False)
-TINY_FLAGS = ["--model", "resnet10", "--width", "8", "--subset", "512", "--batch-size", "64", "--epochs", "2", "--eval-every", "1"]
+# eval_every=1: fast tests after its last epoch only, and these tests compare every epoch's test accuracy.
+# fp32 forced: no test assumes what `auto` picks here; tests/test_precision.py covers bf16 too.
+TINY = dict(model="resnet10", width=8, subset=512, batch_size=64, epochs=2, eval_every=1, precision="fp32", progress=False)
+TINY_FLAGS = ["--model", "resnet10", "--width", "8", "--subset", "512", "--batch-size", "64", "--epochs", "2", "--eval-every", "1",
+              "--precision", "fp32"]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -170,7 +172,7 @@ def test_d2l_output_has_the_chapters_two_lines(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "training on cpu"
+    assert re.fullmatch(r"training on cpu \([\w -]+, \d+ threads\): fp32", lines[0])  # the chapter's recipe: fp32, NCHW
     i = next(i for i, line in enumerate(lines) if line.startswith("loss "))
     assert re.fullmatch(r"loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}", lines[i])
     assert re.fullmatch(r"\d+\.\d examples/sec on cpu", lines[i + 1])
@@ -200,12 +202,13 @@ def _wait_for_checkpoints(proc: subprocess.Popen, path: Path, count: int, timeou
         time.sleep(0.01)
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_and_resume_is_bit_identical(precision: str, tmp_path: Path) -> None:
     reference = tmp_path / "uninterrupted"
-    subprocess.run(_train_cmd(reference), check=True, env=ENV, capture_output=True, timeout=300)
+    subprocess.run(_train_cmd(reference, "--precision", precision), check=True, env=ENV, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed, "--checkpoint-every", "1"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_train_cmd(killed, "--checkpoint-every", "1", "--precision", precision), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for_checkpoints(proc, killed / "last.safetensors", 5)  # mid-epoch 1 (8 steps per epoch)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -447,7 +450,7 @@ def test_a_checkpoint_whose_header_length_starts_like_a_pickle_is_read(tiny_run,
         ({"preprocessing": {"size": 16, "mean": [0.1, 0.2, 0.3], "std": [0.3]}}, "is not a size and one mean"),
         ({"preprocessing": {"size": 16, "mean": [0.1], "std": [0.0]}}, "is not a size and one mean and std > 0"),
         ({"tta": "no"}, "tta is 'no', not true or false"),
-        ({"eval_precision": "fp8"}, "eval_precision is 'fp8', not fp32, bf16 or fp16"),
+        ({"train_precision": "fp8"}, "train_precision is 'fp8', not fp32, bf16 or fp16"),
         ({"dataset": None}, "dataset is None, not a name"),
         ({"dataset": ...}, "incomplete resnetlab metadata (no dataset)"),
     ],
@@ -488,11 +491,12 @@ def test_non_finite_weights_are_refused_at_load(tiny_run, tmp_path: Path, capsys
         assert "holds non-finite (NaN or inf) weights" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("edit, what", [({"position": {"epoch": "x", "step": 0}}, "position"),
-                                        ({"position": {"epoch": -5, "step": 0}}, "position"),
-                                        ({"optimizer": "garbage"}, "optimizer"), ({"recipe": {}}, "recipe"),
-                                        ({"recipe": {"bogus": 1}}, "recipe"), ({"history": "zz"}, "history"),
-                                        ({"sums": None}, "sums")])  # fmt: skip
+@pytest.mark.parametrize("edit, what", [({"position": {"epoch": "x", "step": 0}}, "position.epoch is 'x', not an integer >= 0"),
+                                        ({"position": {"epoch": -5, "step": 0}}, "position.epoch is -5, not an integer >= 0"),
+                                        ({"optimizer": "garbage"}, "optimizer is 'garbage', not a list of 2 param groups"),
+                                        ({"recipe": {}}, "recipe"), ({"recipe": {"bogus": 1}}, "recipe"),
+                                        ({"history": "zz"}, "history is not a list of the 3 finished epochs"),
+                                        ({"sums": None}, "sums is None, not an object")])  # fmt: skip
 def test_resume_of_a_checkpoint_with_damaged_resume_metadata_is_one_line(edit: dict, what: str, tiny_run, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     # eval, predict and export check the metadata they read; --resume read the rest unchecked: TypeError,

@@ -181,6 +181,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None, help="multiply lr by the world size")
 
 
+INFERENCE_PRECISIONS = ["fp32", "bf16", "auto"]
+INFERENCE_PRECISION_HELP = "fp32 (default: the same results on every machine), bf16, or auto (bf16 where native)"
+
+
 def _add_use(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("checkpoint", help="a run directory or its last.safetensors")
@@ -188,6 +192,7 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root")
     p.add_argument("--batch-size", type=int, help="default: the batch size the run evaluated with")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32", help=INFERENCE_PRECISION_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("predict", help="top-k classes for image files")
@@ -195,6 +200,7 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--onnx", metavar="MODEL", help="run an exported .onnx file (or a run directory's model.onnx) with onnxruntime, without torch")
     p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32", help=INFERENCE_PRECISION_HELP + " (not with --onnx)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="export a checkpoint (ONNX) with preprocessing inside")

@@ -250,11 +250,8 @@ def export_onnx(
     if dest.exists() and dest.suffix.lower() != ".onnx":  # another run's checkpoint, a user's notes...
         raise UsageError(f"--out {named} exists and is not an .onnx file; export replaces only an earlier export: "
                          f"give a new file name or an .onnx file, such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
-    classifier = load_checkpoint(ckpt)
-    notes = []
-    if classifier.precision != "fp32":
-        notes.append(f"the checkpoint evaluates in {classifier.precision}; the export computes in fp32")
-    classifier.precision = "fp32"
+    classifier = load_checkpoint(ckpt)  # in fp32, as the export computes
+    notes: list[str] = []
     images, source = verification_images(classifier, data_root)
 
     tmp = _temp_beside(dest)

@@ -65,9 +65,13 @@ def run_predict(args: argparse.Namespace) -> int:
             raise UsageError("give a checkpoint (a run directory or last.safetensors), or --onnx MODEL")
         import torch
 
+        from resnetlab.device import resolve_precision, warn_if_emulated
         from resnetlab.train.checkpoint import load_checkpoint
 
-        classifier = load_checkpoint(args.checkpoint)
+        cpu = torch.device("cpu")
+        precision = resolve_precision(args.precision, cpu, inference=True)
+        warn_if_emulated(precision, cpu)
+        classifier = load_checkpoint(args.checkpoint, precision=precision)
         shape, classes = classifier.input_shape, classifier.classes
 
         def run(batch: np.ndarray) -> np.ndarray:

@@ -19,7 +19,8 @@ from resnetlab.bench.reference import PILDataset, chapter_transform, forever
 from resnetlab.data import BatchLoader, Preprocess, Split
 from resnetlab.errors import UsageError
 from resnetlab.models import create_model
-from resnetlab.train.loop import NonFiniteLoss, augment_generator, make_optimizer, resolve_precision, train_inputs, xavier_init
+from resnetlab.device import resolve_precision
+from resnetlab.train.loop import NonFiniteLoss, augment_generator, make_optimizer, train_inputs, xavier_init
 from resnetlab.train.recipes import get_recipe
 
 

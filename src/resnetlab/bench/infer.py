@@ -50,7 +50,7 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
 def run_infer_bench(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from resnetlab.train.loop import resolve_device
+    from resnetlab.device import resolve_device
 
     device = resolve_device(args.device)
     try:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from resnetlab.train.loop import bf16_is_fast
+from resnetlab.device import bf16_is_native, cpu_class, cpu_flags
 
 # CPU flags that decide which precisions are fast
 INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "asimd", "sve")
@@ -25,16 +25,14 @@ INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "am
 
 def cpu_info() -> dict[str, Any]:
     """CPU model, cores and the flags that matter, from /proc/cpuinfo where there is one."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = platform.processor() or platform.machine(), cpu_flags() or set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model", "cpu model") and model in (platform.processor(), platform.machine(), ""):
+                if key.strip() in ("model name", "Model", "cpu model"):
                     model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
+                    break
     except OSError:
         pass
     return {
@@ -43,7 +41,8 @@ def cpu_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_native": bf16_is_fast(torch.device("cpu")),
+        "cpu_class": cpu_class(),
+        "bf16_native": bf16_is_native(torch.device("cpu")),
     }
 
 

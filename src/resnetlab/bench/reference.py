@@ -293,7 +293,8 @@ def run_reference(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 256, 
     ``resnetlab_order=True`` is the control :class:`PILBatchesInResnetlabOrder`: the training batches
     come in resnetlab's order for ``seed`` instead of the DataLoader's shuffle.
     """
-    from resnetlab.train.loop import resolve_device, seeded_subset
+    from resnetlab.device import resolve_device
+    from resnetlab.train.loop import seeded_subset
 
     dev = resolve_device(device)
     train, test = load_dataset(dataset, root=data_root)

@@ -38,7 +38,8 @@ def _lever_names(text: str | None) -> list[str]:
 
 
 def run_train_bench(args: argparse.Namespace) -> int:
-    from resnetlab.train.loop import check_train_size, resolve_device, resolve_precision
+    from resnetlab.device import resolve_device, resolve_precision
+    from resnetlab.train.loop import check_train_size
 
     steps, warmup, batch = args.steps, args.warmup, args.batch_size  # checked by run_bench
     levers = _lever_names(args.levers)

@@ -113,10 +113,13 @@ def _launch_torchrun(nproc: int) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from resnetlab.data import BatchLoader, load_dataset
     from resnetlab.train.checkpoint import load_checkpoint
-    from resnetlab.train.loop import accuracy, evaluate, require_test_images, resolve_device
+    from resnetlab.device import resolve_device, resolve_precision, warn_if_emulated
+    from resnetlab.train.loop import accuracy, evaluate, require_test_images
 
     device = resolve_device(args.device)
-    classifier = load_checkpoint(args.checkpoint, device=device)
+    precision = resolve_precision(args.precision, device, inference=True)
+    warn_if_emulated(precision, device)
+    classifier = load_checkpoint(args.checkpoint, device=device, precision=precision)
     meta = classifier.meta
     dataset = args.dataset or meta["dataset"]
     _, test = load_dataset(dataset, root=args.data_root or meta.get("data_root"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import signal
 import sys
 import time
@@ -23,18 +24,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab.data import BatchLoader, Preprocess, Split, load_dataset, random_crop, random_erasing, random_flip, to_float
+from resnetlab.device import autocast_dtype, cpu_class, describe, resolve_device, resolve_precision, warn_if_emulated
 from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
 from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
-from resnetlab.train.checkpoint import CHECKPOINT_NAME, Classifier, load_weights, prefixed, read_checkpoint, save_checkpoint
+from resnetlab.train.checkpoint import (CHECKPOINT_NAME, CUDA_RNG_BYTES, Classifier, load_weights, model_skeleton, optimizer_state_spec,
+                                        prefixed, read_checkpoint, resolve_checkpoint_path, save_checkpoint, tensor_mismatch,
+                                        wrong_optimizer_groups)  # fmt: skip
 from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe, get_recipe, recipe_as_trained
-from resnetlab.train.rundir import METRIC_FIELDS, PREVIOUS_RUN, RunFiles, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
+from resnetlab.train.rundir import PREVIOUS_RUN, RunFiles, check_not_in_use, checkpoint_stamp, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
 
 
 _UNSET = object()  # no recipe field of that name
 
 # An epoch's running sums (a checkpoint saves them mid-epoch).
 EMPTY_SUMS = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
+
+# The numbers a resume reads from a checkpoint's metadata: key -> (lowest, highest, integer); none NaN or inf.
+_POSITIVE = math.ulp(0.0)  # > 0: the run's closing figures divide by these
+_POSITION_RANGES = {"epoch": (0, math.inf, True), "step": (0, math.inf, True)}
+_SUMS_RANGES = {k: (0.0, math.inf, isinstance(v, int)) for k, v in EMPTY_SUMS.items()}
+_HISTORY_RANGES = {"epoch": (1, math.inf, True), "train_loss": (0.0, math.inf, False), "train_acc": (0.0, 1.0, False),
+                   "test_acc": (0.0, 1.0, False), "images_per_s": (_POSITIVE, math.inf, False),
+                   "compute_images_per_s": (_POSITIVE, math.inf, False), "seconds": (_POSITIVE, math.inf, False),
+                   "lr": (0.0, math.inf, False)}  # rundir.METRIC_FIELDS, each  # fmt: skip
+_SCALER_RANGES = {"scale": (_POSITIVE, math.inf, False), "growth_factor": (_POSITIVE, math.inf, False),
+                  "backoff_factor": (_POSITIVE, math.inf, False), "growth_interval": (1, math.inf, True),
+                  "_growth_tracker": (0, math.inf, True)}  # GradScaler.state_dict() (fp16 runs)  # fmt: skip
 
 
 class TrainingInterrupted(ResnetlabError):
@@ -73,45 +89,6 @@ class RunResult:
 
 # ----------------------------------------------------------------------------------------------
 # Pieces the loop is built from
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu (the chapter's ``try_gpu``)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", 0)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device: torch.device | None
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):  # torch also knows meta, xpu, lazy...: not usable here
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device 'mps' asked for but MPS is not available here; use --device cpu or auto")
-    return device
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 pays only where the hardware computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise UsageError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
-    return precision
 
 
 def xavier_init(net: nn.Module) -> None:
@@ -361,35 +338,86 @@ def _resumed_run(resume: str | Path, overrides: dict[str, Any]) -> tuple[tuple[d
     return (tensors, meta), dataclasses.replace(recipe, device=overrides.get("device") or recipe.device)
 
 
+def _corrupt_resume(path: str | Path, what: str) -> CheckpointError:
+    """The one-line error for a checkpoint whose resume state (``what`` names the field) is damaged."""
+    return CheckpointError(f"{resolve_checkpoint_path(path)} has corrupt resume metadata ({what}); it cannot be resumed, "
+                           "though eval, predict and export may still use it")  # fmt: skip
+
+
+def _wrong_numbers(values: Any, ranges: dict[str, tuple[float, float, bool]], name: str, may_be_none: tuple[str, ...] = ()) -> str | None:
+    """The first value of the dict ``values`` that is not as ``ranges`` requires, or None.
+
+    Args:
+        values: a dict read from a checkpoint's metadata.
+        ranges: key -> (lowest, highest, integer): each value must be a finite number (an integer
+            where asked, never a bool) in [lowest, highest]; other keys are not read.
+        name: ``values``' name in the metadata, for the message (``sums``, ``history[0]``).
+        may_be_none: keys that may also be None (``test_acc`` of an epoch not tested).
+    """
+    if not isinstance(values, dict):
+        return f"{name} is {repr(values)[:60]}, not an object"
+    for key, (low, high, integer) in ranges.items():
+        v = values.get(key)
+        if v is None and key in may_be_none:
+            continue
+        kind = numbers.Integral if integer else numbers.Real
+        # within the largest float, not isfinite: NaN fails it, and a huge JSON int (summed with floats later) makes isfinite raise
+        if not (isinstance(v, kind) and not isinstance(v, bool) and low <= v <= high and abs(v) <= sys.float_info.max):
+            bounds = "> 0" if low == _POSITIVE else f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+            shown = repr(v)[:60] if key in values else "missing"
+            return f"{name}.{key} is {shown}, not {'an integer' if integer else 'a number'} {bounds}"
+    return None
+
+
 def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> Recipe:
-    """The run's recipe as trained, once the state a resume reads (eval, predict and export read less) is whole."""
+    """The run's recipe as trained, once the state a resume reads (eval, predict and export read less) is whole:
+    every metadata value of its type and range, every tensor of the dtype and shape the run restores it into.
+
+    Args:
+        tensors: the checkpoint's tensors (read_checkpoint checked the ``model.*`` ones, for every command).
+        meta: its metadata.
+        path: the run directory or checkpoint given to ``--resume``.
+    """
 
     def corrupt(what: str) -> CheckpointError:
-        return CheckpointError(f"{path} has corrupt resume metadata ({what}); it cannot be resumed, "
-                               "though eval, predict and export may still use it")  # fmt: skip
+        return _corrupt_resume(path, what)
 
     fields = meta.get("recipe")
     core = {"name", "model", "dataset", "epochs", "batch_size", "lr", "seed", "device"}  # in every version's checkpoints
     if not isinstance(fields, dict) or not core <= set(fields) <= {f.name for f in dataclasses.fields(Recipe)}:
         raise corrupt("recipe")
-    try:
-        recipe = recipe_as_trained(fields, meta)
-    except TypeError:  # a field missing
-        raise corrupt("recipe") from None
-    position, history, sums = meta.get("position"), meta.get("history"), meta.get("sums")
-    if not (isinstance(position, dict) and all(type(position.get(k)) is int and position[k] >= 0 for k in ("epoch", "step"))
-            and position["epoch"] <= recipe.epochs):  # fmt: skip
-        raise corrupt("position")
-    if not (isinstance(history, list) and len(history) == position["epoch"]
-            and all(isinstance(r, dict) and set(METRIC_FIELDS) <= set(r) for r in history)):  # fmt: skip
-        raise corrupt("history")
-    if not (isinstance(sums, dict) and all(isinstance(sums.get(k), (int, float)) for k in EMPTY_SUMS)):
-        raise corrupt("sums")
-    groups = meta.get("optimizer")
-    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
-        raise corrupt("optimizer")
-    if "rng.cpu" not in tensors:
-        raise corrupt("rng.cpu")
+    try:  # the recipe's own checks, as a new run's flags get: types, then ranges
+        recipe = recipe_as_trained(fields, meta).validate()
+    except UsageError as err:
+        raise corrupt(f"recipe: {err}") from None
+    position, history, sums, scaler = meta["position"], meta["history"], meta["sums"], meta.get("scaler")
+    wrong = (_wrong_numbers(position, _POSITION_RANGES, "position") or _wrong_numbers(sums, _SUMS_RANGES, "sums")
+             or (_wrong_numbers(scaler, _SCALER_RANGES, "scaler") if scaler is not None else None))  # fmt: skip
+    if wrong:
+        raise corrupt(wrong)
+    if position["epoch"] > recipe.epochs:
+        raise corrupt(f"position.epoch is {position['epoch']}, past the recipe's {recipe.epochs} epochs")
+    if sums["correct"] > sums["count"] or (position["step"] > 0) != (sums["count"] > 0):  # mid-epoch, and only then, images were counted
+        raise corrupt(f"sums {sums} do not fit position {position}")
+    if not (isinstance(history, list) and len(history) == position["epoch"]):
+        raise corrupt(f"history is not a list of the {position['epoch']} finished epochs")
+    for i, row in enumerate(history):
+        wrong = _wrong_numbers(row, _HISTORY_RANGES, f"history[{i}]", may_be_none=("test_acc",))
+        if wrong or row["epoch"] != i + 1:
+            raise corrupt(wrong or f"history[{i}].epoch is {row['epoch']}, not {i + 1}")
+    # The optimizer and generator state, against the optimizer this recipe builds (shapes only: on the meta device).
+    with torch.device("meta"):
+        optimizer = make_optimizer(recipe, model_skeleton(meta), recipe.lr)
+    expected = {**optimizer_state_spec(optimizer), "rng.cpu": (torch.uint8, tuple(torch.get_rng_state().shape))}
+    if "rng.cuda" in tensors:  # written by a run on a GPU, restored on one
+        expected["rng.cuda"] = (torch.uint8, (CUDA_RNG_BYTES,))
+    state = {k: v for k, v in tensors.items() if not k.startswith("model.")}
+    if not any(k.startswith("optim.") for k in state) and (scaler is not None or position == {"epoch": 0, "step": 0}):
+        # no step taken yet: a GradScaler (fp16) skips every step whose gradients overflowed, often the first ones
+        expected = {k: v for k, v in expected.items() if not k.startswith("optim.")}
+    wrong = tensor_mismatch(state, expected, "expected") or wrong_optimizer_groups(meta["optimizer"], optimizer)
+    if wrong:
+        raise corrupt(wrong)
     return recipe
 
 
@@ -402,6 +430,7 @@ def check_train_request(recipe: str | None, *, world_size: int, out: str | None,
     """
     _check_flags(recipe, out, resume, force, checkpoint_every, init_from)
     if resume is not None:
+        check_not_in_use(_run_dir_of(resume))  # early; the worker's rank 0 takes the lock for real
         (_, meta), checked = _resumed_run(resume, overrides)
         dist.check_world_size(meta.get("world_size"), world_size, _run_dir_of(resume))
     else:
@@ -448,7 +477,9 @@ def train(
         resume, overrides = out, {"device": overrides.get("device")}
     elif restarted == "restart":  # the failure came before the first checkpoint: start over
         force = True
+    stamp = None
     if resume is not None:
+        stamp = checkpoint_stamp(_run_dir_of(resume))  # before reading it: under the lock, create() checks no run rewrote it since
         resumed, recipe = _resumed_run(resume, overrides)
         run_dir = _run_dir_of(resume)
         data_root = data_root or resumed[1].get("data_root")
@@ -526,7 +557,7 @@ def train(
     model = dist.wrap(net, ctx)
     if recipe.compile:
         model = torch.compile(model)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp_dtype = autocast_dtype(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
@@ -539,6 +570,8 @@ def train(
         _restore(tensors, meta, net, optimizer, scaler, preprocess, device)
         epoch, start_step = meta["position"]["epoch"], meta["position"]["step"]
         sums, history = dist.share_of_sums(meta["sums"], ctx), meta["history"]
+        if start_step > steps_per_epoch:  # known only now: an epoch's steps depend on the data and the batch size
+            raise _corrupt_resume(run_dir, f"position.step is {start_step}, past the {steps_per_epoch} steps of an epoch")
     dist.check_agree((epoch, start_step, len(history)), "where the run stands (epoch, step, finished epochs)")
     meta_static = {
         WARMUP_EVERY_SCHEDULE: True,
@@ -550,13 +583,14 @@ def train(
         "input_shape": [c, h, w],
         "preprocessing": preprocess.config(),
         "tta": recipe.tta,
-        "eval_precision": precision,
+        "train_precision": precision,  # provenance: inference computes in fp32 unless asked otherwise
         "channels_last": recipe.channels_last,
         "eval_batch_size": recipe.eval_batch_size,
         "recipe": dataclasses.asdict(recipe),
         "world_size": ctx.world_size,
     }
-    files = RunFiles(run_dir, new=resumed is None, unique=not out and resumed is None)  # rank 0 creates the directory below
+    files = RunFiles(run_dir, new=resumed is None, unique=not out and resumed is None, force=force,
+                     resumed_stamp=stamp)  # rank 0 creates (and locks) the directory below  # fmt: skip
 
     def checkpoint(at_epoch: int, at_step: int) -> None:
         """Save everything needed to continue at (at_epoch, at_step); rank 0 writes."""
@@ -585,7 +619,10 @@ def train(
     with stop_flag(sigterm=ctx.world_size == 1 and dist.job_id() is None) as stop, files:  # a failure before the first checkpoint removes what this run wrote
         if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
             run_dir = files.create()
-            print(f"training on {device}" + (f" ({ctx.world_size} processes)" if ctx.world_size > 1 else ""), flush=True)
+            procs = f" x {ctx.world_size} processes" if ctx.world_size > 1 else ""
+            layout = ", channels_last" if recipe.channels_last else ""
+            print(f"training on {describe(device)}{procs}: {precision}{' autocast' if amp_dtype else ''}{layout}", flush=True)
+            warn_if_emulated(precision, device)
             if resumed:
                 finished = epoch >= recipe.epochs
                 print(f"{run_dir} finished its {recipe.epochs} epochs; evaluating it again" if finished
@@ -594,6 +631,7 @@ def train(
                 write_history()
             if not resumed or not (run_dir / "config.json").exists():  # a resume keeps the command and commit that started the run
                 write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
+                                                     "cpu_class": cpu_class() if device.type == "cpu" else None,
                                                      "world_size": ctx.world_size, "global_batch_size": batch_size * ctx.world_size,
                                                      "lr_applied": lr, "seed": recipe.seed, "torchelastic_run_id": dist.job_id(),
                                                      **environment(device)})  # fmt: skip
@@ -615,7 +653,7 @@ def train(
                     group["lr"] = lr * lr_factor(recipe, global_step, total_steps)
                 x = train_inputs(images, recipe, preprocess, augment_generator(recipe.seed, epoch, step, ctx.rank), train_size)
                 step_clock.start()
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     logits = model(x)
                     loss = loss_fn(logits.float(), labels)
                 if device.type == "cpu" or step % 20 == 0:  # a host sync; every step is free on the CPU
@@ -624,7 +662,7 @@ def train(
                                 else "no checkpoint was written yet")
                         raise NonFiniteLoss(
                             f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (lr {optimizer.param_groups[0]['lr']:.4g}); "
-                            f"{kept}. Lower --lr" + (" or use --precision fp32" if autocast_dtype is not None else "")
+                            f"{kept}. Lower --lr" + (" or use --precision fp32" if amp_dtype is not None else "")
                         )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -668,7 +706,12 @@ def train(
             totals = dist.all_reduce_sum(torch.tensor([sums["loss"], sums["correct"], sums["count"]], dtype=torch.float64, device=device)).tolist()
             dist.broadcast_buffers(net)  # every rank evaluates rank 0's BatchNorm statistics, as checkpointed
             test_acc = None
-            if epoch + 1 == recipe.epochs or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
+            final = epoch + 1 == recipe.epochs
+            if final or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
+                # The last test pass runs in fp32, as `resnetlab eval` does by default on any machine:
+                # the accuracy a run reports is the one its checkpoint reproduces. Earlier ones keep
+                # the training precision, for speed.
+                classifier.precision = "fp32" if final else precision
                 confusion = evaluate(classifier, test_loader, len(train_split.classes))
                 test_acc = accuracy(confusion)
             row = {
@@ -692,7 +735,8 @@ def train(
                     print(f"epoch {row['epoch']}/{recipe.epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
                           f"{tested}, {row['images_per_s']:.1f} examples/sec, {row['seconds']:.1f} s", flush=True)  # fmt: skip
 
-    if confusion is None:  # resumed a finished run: nothing left to train, evaluate once more
+    if confusion is None:  # resumed a finished run: nothing left to train, evaluate once more (fp32, as at its end)
+        classifier.precision = "fp32"
         confusion = evaluate(classifier, test_loader, len(train_split.classes))
     last = history[-1]
     seen = sum(r["images_per_s"] * r["seconds"] for r in history)
@@ -714,6 +758,7 @@ def train(
         print(f"{result.examples_per_sec:.1f} examples/sec on {device}")
         print(f"({result.compute_examples_per_sec:.1f} examples/sec in training steps only, the chapter's measure; "
               f"run directory {run_dir})", flush=True)  # fmt: skip
+    files.release()  # after the run's last file: another run may now use the directory
     dist.teardown(ctx)
     return result
 
