@@ -28,7 +28,7 @@ from PIL import Image
 from resnetlab.cli import main
 from resnetlab.errors import DataError
 from resnetlab.train import loop as loop_module
-from resnetlab.train.checkpoint import CHECKPOINT_NAME
+from resnetlab.checkpoint import CHECKPOINT_NAME
 
 TINY = dict(model="resnet10", width=8, stem="small", resize=0, batch_size=8, epochs=2, eval_every=1, precision="fp32",
             device="cpu", progress=False)  # fmt: skip
@@ -228,7 +228,7 @@ def test_an_undamaged_checkpoint_rewritten_by_safetensors_still_resumes_and_eval
 def test_an_optimizer_that_never_stepped_may_have_no_state(runs: dict[str, Path], tmp_path: Path) -> None:
     # an fp16 run's GradScaler skips the steps whose gradients overflowed: its first checkpoints may hold no
     # optimizer state; every other checkpoint holds it whole (deleting it all is refused, above)
-    from resnetlab.train.checkpoint import read_checkpoint
+    from resnetlab.checkpoint import read_checkpoint
     from resnetlab.train.loop import _resume_state
 
     scaler = {"scale": 32768.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0}

@@ -34,7 +34,7 @@ import resnetlab.train.loop as loop
 from resnetlab.data import BatchLoader, Split, load_dataset
 from resnetlab.errors import UsageError
 from resnetlab.train import dist, load_checkpoint, train
-from resnetlab.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from resnetlab.checkpoint import CHECKPOINT_NAME, read_checkpoint
 
 PY = sys.executable
 TIMEOUT = 300  # seconds for any one launch; a healthy one takes well under a minute on 2 busy cores

@@ -70,7 +70,7 @@ def fashion_test_images() -> np.ndarray:
 
 
 def _torch_classifier(run_dir: Path):
-    from resnetlab.train.checkpoint import load_checkpoint
+    from resnetlab.inference import load_checkpoint
 
     return load_checkpoint(run_dir)
 

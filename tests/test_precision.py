@@ -109,7 +109,7 @@ def test_load_checkpoint_is_fp32_unless_asked(run) -> None:
 
 
 def read_meta(run_dir: Path) -> dict:
-    from resnetlab.train.checkpoint import read_checkpoint
+    from resnetlab.checkpoint import read_checkpoint
 
     return read_checkpoint(run_dir)[1]
 

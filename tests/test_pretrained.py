@@ -251,7 +251,7 @@ def test_train_init_from_fine_tunes_from_the_weights(weights, tmp_path):
 def _checkpoint(path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
     """A resnetlab checkpoint of a width-8 resnet10 (no training), its metadata changed or without ``drop``."""
     from resnetlab.data import Preprocess
-    from resnetlab.train.checkpoint import save_checkpoint
+    from resnetlab.checkpoint import save_checkpoint
 
     net = create_model("resnet10", width=8, stem="small")
     meta = {"model": {"name": net.name, "options": net.options}, "classes": [str(i) for i in range(10)],

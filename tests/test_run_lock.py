@@ -20,7 +20,7 @@ from resnetlab.errors import UsageError
 from resnetlab.train import NonFiniteLoss, train
 from resnetlab.train import commands as commands_module
 from resnetlab.train import loop as loop_module
-from resnetlab.train.checkpoint import read_checkpoint
+from resnetlab.checkpoint import read_checkpoint
 from resnetlab.train.rundir import LOCK_NAME, RUN_FILES, check_not_in_use
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

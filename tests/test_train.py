@@ -21,7 +21,7 @@ from resnetlab.cli import main
 from resnetlab.errors import UsageError
 from resnetlab.train import RECIPES, NonFiniteLoss, load_checkpoint, train
 from resnetlab.train import loop as loop_module
-from resnetlab.train.checkpoint import read_checkpoint
+from resnetlab.checkpoint import read_checkpoint
 
 # eval_every=1: fast tests after its last epoch only, and these tests compare every epoch's test accuracy.
 # fp32 forced: no test assumes what `auto` picks here; tests/test_precision.py covers bf16 too.
@@ -424,7 +424,7 @@ def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.Capt
 
 def test_a_checkpoint_whose_header_length_starts_like_a_pickle_is_read(tiny_run, tmp_path: Path) -> None:
     # safetensors begins with its header's length; 1 file in 32 has 0x80 (a pickle's first byte) first
-    from resnetlab.train.checkpoint import save_checkpoint
+    from resnetlab.checkpoint import save_checkpoint
 
     tensors, meta = read_checkpoint(tiny_run.run_dir)
     path = tmp_path / "last.safetensors"
@@ -457,7 +457,7 @@ def test_a_checkpoint_whose_header_length_starts_like_a_pickle_is_read(tiny_run,
 )  # fmt: skip
 def test_hand_edited_checkpoint_metadata_is_one_line(edit: dict, reason: str, tiny_run, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    from resnetlab.train.checkpoint import save_checkpoint
+    from resnetlab.checkpoint import save_checkpoint
 
     tensors, meta = read_checkpoint(tiny_run.run_dir)
     meta = {k: v for k, v in {**meta, **edit}.items() if v is not ...}
@@ -471,7 +471,7 @@ def test_hand_edited_checkpoint_metadata_is_one_line(edit: dict, reason: str, ti
 
 def test_eval_on_a_dataset_with_other_classes_names_the_first_difference(tiny_run, tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    from resnetlab.train.checkpoint import save_checkpoint
+    from resnetlab.checkpoint import save_checkpoint
 
     tensors, meta = read_checkpoint(tiny_run.run_dir)
     save_checkpoint(tmp_path / "last.safetensors", tensors, {**meta, "classes": ["T-shirt/top", "jeans", *meta["classes"][2:]]})
@@ -481,7 +481,7 @@ def test_eval_on_a_dataset_with_other_classes_names_the_first_difference(tiny_ru
 
 
 def test_non_finite_weights_are_refused_at_load(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from resnetlab.train.checkpoint import save_checkpoint
+    from resnetlab.checkpoint import save_checkpoint
 
     tensors, meta = read_checkpoint(tiny_run.run_dir)
     name = next(k for k in tensors if k.startswith("model.") and k.endswith("weight"))
@@ -501,7 +501,7 @@ def test_resume_of_a_checkpoint_with_damaged_resume_metadata_is_one_line(edit: d
                                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     # eval, predict and export check the metadata they read; --resume read the rest unchecked: TypeError,
     # IndexError, KeyError, AttributeError tracebacks
-    from resnetlab.train.checkpoint import save_checkpoint
+    from resnetlab.checkpoint import save_checkpoint
 
     tensors, meta = read_checkpoint(tiny_run.run_dir)
     save_checkpoint(tmp_path / "last.safetensors", tensors, {**meta, **edit})
@@ -512,7 +512,7 @@ def test_resume_of_a_checkpoint_with_damaged_resume_metadata_is_one_line(edit: d
 
 def test_resume_of_a_finished_run_evaluates_it_again(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # it said "evaluating it again" and reported the accuracy stored in its history
-    from resnetlab.train.checkpoint import save_checkpoint
+    from resnetlab.checkpoint import save_checkpoint
 
     tensors, meta = read_checkpoint(tiny_run.run_dir)
     zeroed = {k: torch.zeros_like(v) if k.startswith("model.fc.") else v for k, v in tensors.items()}

@@ -29,7 +29,7 @@ _PUBLIC = {
     # training and use
     "train": "resnetlab.train",
     "RunResult": "resnetlab.train",
-    "load_checkpoint": "resnetlab.train.checkpoint",
+    "load_checkpoint": "resnetlab.inference",
     "load_pretrained": "resnetlab.models.pretrained",
     # errors
     "ResnetlabError": "resnetlab.errors",

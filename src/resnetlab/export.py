@@ -1,6 +1,6 @@
 """``resnetlab export``: a checkpoint -> one self-contained ONNX file, verified with onnxruntime.
 
-The exported graph is the checkpoint's whole :class:`~resnetlab.train.checkpoint.Classifier`:
+The exported graph is the checkpoint's whole :class:`~resnetlab.inference.Classifier`:
 
 * input ``images``: float32 N x C x H x W in [0, 1] at the dataset's native size (dynamic N);
 * the preprocessing inside (antialiased bilinear resize, per-channel normalisation), then the
@@ -35,7 +35,8 @@ import numpy as np
 
 from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
 from resnetlab.fileio import fsync_dir, umask_mode
-from resnetlab.onnx_runtime import EXPORT_NAME, META_CLASSES, META_INPUT_SHAPE, META_MODEL, require_onnx
+from resnetlab.fileio import EXPORT_NAME
+from resnetlab.onnx_runtime import META_CLASSES, META_INPUT_SHAPE, META_MODEL, require_onnx
 
 __all__ = ["export_onnx", "ExportResult", "run_export", "DEFAULT_OPSET", "MIN_OPSET", "TOLERANCE"]
 
@@ -227,7 +228,8 @@ def export_onnx(
     """
     require_onnx("resnetlab export")
     opset = check_opset(opset)
-    from resnetlab.train.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from resnetlab.checkpoint import resolve_checkpoint_path
+    from resnetlab.inference import load_checkpoint
     from resnetlab.train.rundir import RUN_FILES
 
     ckpt = resolve_checkpoint_path(checkpoint)

@@ -8,6 +8,12 @@ from pathlib import Path
 
 from resnetlab.errors import CheckpointError
 
+# The files of a run directory that layers below training also name (pretrained weights from a run,
+# torchelastic's restart, the run directory, export and the ONNX runtime).
+CHECKPOINT_NAME = "last.safetensors"
+EXPORT_NAME = "model.onnx"
+PREVIOUS_RUN = ".previous-run"  # where the run that --force replaces waits for the new run's first checkpoint
+
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename inside ``directory`` durable; a no-op where directories cannot be opened (Windows)."""

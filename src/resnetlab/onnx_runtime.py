@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from resnetlab.errors import CheckpointError, UsageError
+from resnetlab.fileio import EXPORT_NAME  # where `resnetlab export RUN` writes, in the run directory
 
 __all__ = ["OnnxClassifier", "require_onnx", "ONNX_EXTRA", "META_CLASSES", "META_INPUT_SHAPE", "META_MODEL"]
 
@@ -34,7 +35,6 @@ ONNX_EXTRA = "pip install 'resnetlab[onnx]'"
 
 # metadata_props keys written by resnetlab.export and read here (values are strings; JSON where noted)
 META_CLASSES = "classes"  # JSON list of class names, in logit order
-EXPORT_NAME = "model.onnx"  # where `resnetlab export RUN` writes, in the run directory
 META_INPUT_SHAPE = "input_shape"  # JSON [C, H, W]: native size; values are floats in [0, 1]
 META_MODEL = "model"  # registry name, e.g. "resnet18"
 

@@ -66,7 +66,7 @@ def run_predict(args: argparse.Namespace) -> int:
         import torch
 
         from resnetlab.device import resolve_precision, warn_if_emulated
-        from resnetlab.train.checkpoint import load_checkpoint
+        from resnetlab.inference import load_checkpoint
 
         cpu = torch.device("cpu")
         precision = resolve_precision(args.precision, cpu, inference=True)

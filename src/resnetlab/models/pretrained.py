@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from resnetlab.errors import CheckpointError
-from resnetlab.fileio import is_torch_save, read_head
+from resnetlab.fileio import CHECKPOINT_NAME, is_torch_save, read_head
 
 __all__ = ["load_pretrained", "read_weights", "adapt_input_conv", "PretrainedReport"]
 
@@ -68,8 +68,6 @@ def _first_line(err: BaseException) -> str:
 
 def weights_file(path: str | os.PathLike) -> Path:
     """``path`` if it is a file (a run directory: its checkpoint), else a CheckpointError saying what to give."""
-    from resnetlab.train.checkpoint import CHECKPOINT_NAME  # here: resnetlab.train imports this module
-
     p = Path(path)
     if p.is_dir() and (p / CHECKPOINT_NAME).is_file():  # fine-tuning from a resnetlab run, as every other command takes it
         p = p / CHECKPOINT_NAME

@@ -1,6 +1,6 @@
 """Training: recipes as data, the loop, checkpoints and the run directory."""
 
-from resnetlab.train.checkpoint import Classifier, load_checkpoint
+from resnetlab.inference import Classifier, load_checkpoint  # here too: `resnetlab.train.load_checkpoint` is public
 from resnetlab.train.loop import NonFiniteLoss, RunResult, TrainingInterrupted, train
 from resnetlab.train.recipes import RECIPES, Recipe, get_recipe
 

@@ -112,7 +112,7 @@ def _launch_torchrun(nproc: int) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from resnetlab.data import BatchLoader, load_dataset
-    from resnetlab.train.checkpoint import load_checkpoint
+    from resnetlab.inference import load_checkpoint
     from resnetlab.device import resolve_device, resolve_precision, warn_if_emulated
     from resnetlab.train.loop import accuracy, evaluate, require_test_images
 

@@ -23,6 +23,7 @@ import torch.distributed as td
 from torch import nn
 
 from resnetlab.errors import CheckpointError, UsageError
+from resnetlab.fileio import CHECKPOINT_NAME
 
 # Opt-in debug hook: rank 0 appends one JSON line per training step with the loss averaged over
 # the global batch (one extra all-reduce per step; used by the tests to compare world sizes).
@@ -314,7 +315,6 @@ def restarted_run(out: str | os.PathLike | None) -> str | None:
         return None
     if config.get("torchelastic_run_id") != job_id():
         return None
-    from resnetlab.train.checkpoint import CHECKPOINT_NAME
 
     return "resume" if (run_dir / CHECKPOINT_NAME).is_file() else "restart"
 

@@ -25,14 +25,15 @@ from torch import nn
 
 from resnetlab.data import BatchLoader, Preprocess, Split, load_dataset, random_crop, random_erasing, random_flip, to_float
 from resnetlab.device import autocast_dtype, cpu_class, describe, resolve_device, resolve_precision, warn_if_emulated
+from resnetlab.checkpoint import (CUDA_RNG_BYTES, load_weights, model_skeleton, optimizer_state_spec, prefixed, read_checkpoint,
+                                  resolve_checkpoint_path, save_checkpoint, tensor_mismatch, wrong_optimizer_groups)  # fmt: skip
 from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
+from resnetlab.fileio import CHECKPOINT_NAME, PREVIOUS_RUN
+from resnetlab.inference import Classifier
 from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
-from resnetlab.train.checkpoint import (CHECKPOINT_NAME, CUDA_RNG_BYTES, Classifier, load_weights, model_skeleton, optimizer_state_spec,
-                                        prefixed, read_checkpoint, resolve_checkpoint_path, save_checkpoint, tensor_mismatch,
-                                        wrong_optimizer_groups)  # fmt: skip
 from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe, get_recipe, recipe_as_trained
-from resnetlab.train.rundir import PREVIOUS_RUN, RunFiles, check_not_in_use, checkpoint_stamp, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
+from resnetlab.train.rundir import RunFiles, check_not_in_use, checkpoint_stamp, environment, plot_confusion, plot_curves, prepare_run_dir, write_json, write_metrics
 
 
 _UNSET = object()  # no recipe field of that name

@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import torch
 
 from resnetlab.errors import UsageError
-from resnetlab.onnx_runtime import EXPORT_NAME
-from resnetlab.train.checkpoint import CHECKPOINT_NAME, PREVIOUS_RUN, atomic_write_bytes  # PREVIOUS_RUN: eval names it too
+from resnetlab.checkpoint import atomic_write_bytes
+from resnetlab.fileio import CHECKPOINT_NAME, EXPORT_NAME, PREVIOUS_RUN
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
 RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json")

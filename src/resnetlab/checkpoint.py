@@ -27,13 +27,11 @@ import torch
 from torch import nn
 
 from resnetlab.errors import CheckpointError, UsageError
-from resnetlab.fileio import fsync_dir, is_torch_save, read_head, umask_mode
+from resnetlab.fileio import CHECKPOINT_NAME, PREVIOUS_RUN, fsync_dir, is_torch_save, read_head, umask_mode
 
-CHECKPOINT_NAME = "last.safetensors"
 FORMAT_VERSION = 1
 # metadata every checkpoint written by training holds; using or resuming one reads them all
 _META_KEYS = ("model", "classes", "input_shape", "preprocessing", "dataset", "recipe", "position", "sums", "history", "optimizer")
-PREVIOUS_RUN = ".previous-run"  # where the run that --force replaces waits for the new run's first checkpoint
 # torch.cuda.get_rng_state(): a Philox seed and offset of 8 bytes each (CUDAGeneratorImpl::get_state); the CPU's
 # length is asked of torch.get_rng_state() itself
 CUDA_RNG_BYTES = 16
@@ -266,51 +264,6 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-class Classifier(nn.Module):
-    """A trained network with its own preprocessing: float images in [0, 1] at native size -> logits.
-
-    Args:
-        net: the ResNet.
-        preprocess: resize and normalisation (:class:`resnetlab.data.Preprocess`).
-        classes: class names, in label order.
-        tta: also run the mirror image and average the logits.
-        precision: ``fp32`` (the default everywhere: the same probabilities on every machine, and
-            those of the ONNX export), or ``bf16``/``fp16`` autocast inside ``forward`` (opt-in).
-        input_shape: native (C, H, W) the model expects.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        preprocess: nn.Module,
-        classes: list[str],
-        *,
-        tta: bool = False,
-        precision: str = "fp32",
-        input_shape: tuple[int, int, int] | None = None,
-        channels_last: bool = False,
-    ) -> None:
-        super().__init__()
-        self.net = net
-        self.preprocess = preprocess
-        self.classes = list(classes)
-        self.tta = tta
-        self.precision = precision
-        self.input_shape = tuple(input_shape) if input_shape else None
-        self.channels_last = channels_last
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = self.net(x)
-            if self.tta:
-                logits = (logits + self.net(x.flip(3))) / 2
-        return logits.float()
-
-
 def check_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
     """Raise a one-line CheckpointError, ``what`` and the first difference, unless ``weights`` are
     exactly ``net``'s state: the same keys, each of the same dtype and shape.
@@ -327,38 +280,3 @@ def load_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str) ->
     """Load ``weights`` into ``net`` strictly, or raise a one-line CheckpointError (see :func:`check_weights`)."""
     check_weights(net, weights, what)
     net.load_state_dict(weights)
-
-
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32") -> Classifier:
-    """Load a resnetlab checkpoint as a :class:`Classifier` in eval mode.
-
-    Args:
-        path: a run directory or its ``last.safetensors``.
-        device: where to put the model.
-        precision: ``fp32`` (default: the same results on every machine, whatever the run trained
-            in), ``bf16`` or ``fp16`` (autocast; opt-in, for speed where it is native).
-
-    The result maps float images in [0, 1] (N x C x H x W at the dataset's native size) to logits;
-    its ``.classes`` holds the class names and ``.meta`` the checkpoint's metadata.
-    """
-    from resnetlab.data import Preprocess
-    from resnetlab.models import create_model
-
-    tensors, meta = read_checkpoint(path)
-    spec = meta["model"]
-    net = create_model(spec["name"], **spec["options"])
-    load_weights(net, prefixed(tensors, "model."), f"{path}: the weights do not fit the {spec['name']} {spec['options']} "
-                 "its metadata describes")  # fmt: skip
-    classifier = Classifier(
-        net,
-        Preprocess.from_config(meta["preprocessing"]),
-        meta["classes"],
-        tta=meta.get("tta", False),
-        precision=precision,
-        input_shape=tuple(meta["input_shape"]),
-        channels_last=meta.get("channels_last", False),
-    )
-    classifier.meta = meta
-    if classifier.channels_last:
-        classifier.net.to(memory_format=torch.channels_last)
-    return classifier.to(device).eval()

@@ -1,0 +1,98 @@
+"""Inference from a checkpoint: :class:`Classifier` (the network with its own preprocessing) and
+:func:`load_checkpoint`.
+
+Training, evaluation, prediction, export and the benchmarks use it; it reads the file format of
+:mod:`resnetlab.checkpoint` and computes in fp32 unless asked otherwise (the precision policy in
+:mod:`resnetlab.device`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from resnetlab.checkpoint import load_weights, prefixed, read_checkpoint
+
+__all__ = ["Classifier", "load_checkpoint"]
+
+
+class Classifier(nn.Module):
+    """A trained network with its own preprocessing: float images in [0, 1] at native size -> logits.
+
+    Args:
+        net: the ResNet.
+        preprocess: resize and normalisation (:class:`resnetlab.data.Preprocess`).
+        classes: class names, in label order.
+        tta: also run the mirror image and average the logits.
+        precision: ``fp32`` (the default everywhere: the same probabilities on every machine, and
+            those of the ONNX export), or ``bf16``/``fp16`` autocast inside ``forward`` (opt-in).
+        input_shape: native (C, H, W) the model expects.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        preprocess: nn.Module,
+        classes: list[str],
+        *,
+        tta: bool = False,
+        precision: str = "fp32",
+        input_shape: tuple[int, int, int] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.preprocess = preprocess
+        self.classes = list(classes)
+        self.tta = tta
+        self.precision = precision
+        self.input_shape = tuple(input_shape) if input_shape else None
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = self.net(x)
+            if self.tta:
+                logits = (logits + self.net(x.flip(3))) / 2
+        return logits.float()
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32") -> Classifier:
+    """Load a resnetlab checkpoint as a :class:`Classifier` in eval mode.
+
+    Args:
+        path: a run directory or its ``last.safetensors``.
+        device: where to put the model.
+        precision: ``fp32`` (default: the same results on every machine, whatever the run trained
+            in), ``bf16`` or ``fp16`` (autocast; opt-in, for speed where it is native).
+
+    The result maps float images in [0, 1] (N x C x H x W at the dataset's native size) to logits;
+    its ``.classes`` holds the class names and ``.meta`` the checkpoint's metadata.
+    """
+    from resnetlab.data import Preprocess
+    from resnetlab.models import create_model
+
+    tensors, meta = read_checkpoint(path)
+    spec = meta["model"]
+    net = create_model(spec["name"], **spec["options"])
+    load_weights(net, prefixed(tensors, "model."), f"{path}: the weights do not fit the {spec['name']} {spec['options']} "
+                 "its metadata describes")  # fmt: skip
+    classifier = Classifier(
+        net,
+        Preprocess.from_config(meta["preprocessing"]),
+        meta["classes"],
+        tta=meta.get("tta", False),
+        precision=precision,
+        input_shape=tuple(meta["input_shape"]),
+        channels_last=meta.get("channels_last", False),
+    )
+    classifier.meta = meta
+    if classifier.channels_last:
+        classifier.net.to(memory_format=torch.channels_last)
+    return classifier.to(device).eval()
