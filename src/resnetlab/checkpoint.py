@@ -220,7 +220,8 @@ def wrong_optimizer_groups(saved: Any, optimizer: torch.optim.Optimizer) -> str 
             needed = isinstance(like.get(key), (numbers.Real, list, tuple)) and not isinstance(like.get(key), bool)
             if key not in like or (key in group and not fits(group[key], like[key])) or (needed and key not in group):
                 shown = repr(group[key])[:60] if key in group else "missing"
-                return f"optimizer[{i}].{key} is {shown}, not as torch's {type(optimizer).__name__} has it"
+                name = key if str(key).isidentifier() else repr(key)  # a key from the file: one line, whatever it holds
+                return f"optimizer[{i}].{name} is {shown}, not as torch's {type(optimizer).__name__} has it"
     return None
 
 

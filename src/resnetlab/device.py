@@ -2,10 +2,10 @@
 
 CPUs of one kind of machine differ: some compute bf16 natively (AVX-512 BF16 or AMX, about 5x
 fp32 matmul), others only emulate it (AVX2, AVX-512 without BF16), far slower than fp32. oneDNN
-picks its kernels by the class, and ``ONEDNN_MAX_CPU_ISA`` caps it (``AVX2`` gives any x86 CPU
+picks its kernels by the class, and ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) caps it (``AVX2`` gives any x86 CPU
 the AVX2 kernels), so the class is read from both.
 
-The policy (README, "Precision"):
+The policy (docs/training.md, "Precision"):
 
 * training: ``auto`` is bf16 autocast where bf16 is native (CPU class, or a GPU that has it),
   fp32 elsewhere;
@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from resnetlab.errors import UsageError
 
-__all__ = ["resolve_device", "cpu_flags", "cpu_class", "bf16_is_native", "resolve_precision", "autocast_dtype", "describe", "warn_if_emulated", "PRECISIONS"]
+__all__ = ["resolve_device", "cpu_flags", "cpu_class", "bf16_is_native", "resolve_precision", "autocast_dtype", "describe", "warn_if_emulated", "PRECISIONS",
+           "cpu_info", "environment", "git_commit"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -103,7 +108,8 @@ def cpu_class() -> str:
         hardware = "AVX-512"
     else:
         hardware = "AVX2" if "avx2" in flags else "baseline"
-    cap = _ISA_CAPS.get(os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper(), "AMX")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""  # oneDNN reads both, in this order
+    cap = _ISA_CAPS.get(isa.strip().upper(), "AMX")
     return min(hardware, cap, key=_ORDER.index)
 
 
@@ -159,3 +165,59 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The environment a run or a benchmark records (config.json, benchmark JSON)
+
+# CPU flags that decide which precisions are fast
+INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "asimd", "sve")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, cores and the flags that matter, from /proc/cpuinfo where there is one."""
+    model, flags = platform.processor() or platform.machine(), cpu_flags() or set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model"):
+                    model = value.strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_class": cpu_class(),
+        "bf16_native": bf16_is_native(torch.device("cpu")),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the resnetlab source tree, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Everything a reader needs to put a figure or a run in context: versions, the command, the
+    commit, the device, the CPU and its class, the load, the date."""
+    from resnetlab import __version__
+
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    env = {"resnetlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "device": str(device), **cpu_info(), "git_commit": git_commit(),
+           "argv": sys.argv, "load_average": load, "date": date.today().isoformat()}  # fmt: skip
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env

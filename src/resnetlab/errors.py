@@ -26,3 +26,10 @@ class DataError(ResnetlabError):
 
 class CheckpointError(ResnetlabError):
     """A checkpoint or weights file that cannot be used."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none): a library's
+    multi-line error quoted inside resnetlab's one-line one."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

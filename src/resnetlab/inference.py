@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from resnetlab.checkpoint import load_weights, prefixed, read_checkpoint
+from resnetlab.device import autocast_dtype
 
 __all__ = ["Classifier", "load_checkpoint"]
 
@@ -55,7 +56,7 @@ class Classifier(nn.Module):
         x = self.preprocess(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dtype = autocast_dtype(self.precision)
         with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = self.net(x)
             if self.tta:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from resnetlab.errors import CheckpointError, UsageError
+from resnetlab.errors import CheckpointError, UsageError, first_line
 from resnetlab.fileio import EXPORT_NAME  # where `resnetlab export RUN` writes, in the run directory
 
 __all__ = ["OnnxClassifier", "require_onnx", "ONNX_EXTRA", "META_CLASSES", "META_INPUT_SHAPE", "META_MODEL"]
@@ -53,15 +53,10 @@ def require_onnx(what: str, modules: Sequence[str] = ("onnx", "onnxscript", "onn
         except ImportError as err:
             missing.append(name)
             if not reason:
-                reason = _first_line(err)
+                reason = first_line(err)
     if missing:
         raise UsageError(f"{what} needs {' and '.join(missing)} ({reason}); install the ONNX extra: {ONNX_EXTRA}")
     return loaded
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class OnnxClassifier:
@@ -93,7 +88,7 @@ class OnnxClassifier:
         try:
             self.session = ort.InferenceSession(str(p), options, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as err:  # onnxruntime raises its own pybind exception types
-            raise CheckpointError(f"{p} is not a usable ONNX model ({_first_line(err)}); export it again") from None
+            raise CheckpointError(f"{p} is not a usable ONNX model ({first_line(err)}); export it again") from None
         self.path = p
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or not outputs:
@@ -105,7 +100,7 @@ class OnnxClassifier:
         try:  # one blank image: a model that cannot run, or is no classifier, is refused here, not mid-predict
             out = np.asarray(self.logits(np.zeros((1, *self.input_shape), np.float32)))
         except Exception as err:  # onnxruntime raises its own pybind exception types
-            raise CheckpointError(f"{p} fails on a blank {'x'.join(map(str, self.input_shape))} image ({_first_line(err)}); export it again") from None
+            raise CheckpointError(f"{p} fails on a blank {'x'.join(map(str, self.input_shape))} image ({first_line(err)}); export it again") from None
         self.classes = self._classes(out.shape[-1] if out.ndim else 0)
         if out.shape != (1, len(self.classes)):
             raise CheckpointError(f"{p} outputs shape {list(out.shape)} for one image; a classifier outputs 1 x {len(self.classes)} "

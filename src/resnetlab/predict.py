@@ -54,6 +54,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--topk must be >= 1, not {args.topk}")
     images = list(args.images)
     if args.onnx:
+        if args.precision != "fp32":
+            raise UsageError(f"--precision {args.precision} applies to a checkpoint; an ONNX model computes in fp32: drop it")
         if args.checkpoint:  # with --onnx the first positional is an image, not a checkpoint
             images.insert(0, args.checkpoint)
         from resnetlab.onnx_runtime import OnnxClassifier

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resnetlab.errors import DataError, UsageError
+from resnetlab.errors import DataError, UsageError, first_line
 from resnetlab.images import to_mode
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -198,7 +198,7 @@ def _probe(path: Path) -> tuple[tuple[int, int], str]:
     except Image.DecompressionBombError as err:  # not an OSError; every image is probed before _load opens it
         raise DataError(f"{path}: too large to decode safely ({err}); downscale it or remove it from the folder") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise DataError(f"{path}: unreadable image ({_first_line(err)})") from None
+        raise DataError(f"{path}: unreadable image ({first_line(err)})") from None
 
 
 def _load(files: list[tuple[Path, int]], size: tuple[int, int], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,15 +221,10 @@ def _load(files: list[tuple[Path, int]], size: tuple[int, int], channels: int) -
                     im = im.resize((w, h), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-            raise DataError(f"{path}: unreadable image ({_first_line(err)})") from None
+            raise DataError(f"{path}: unreadable image ({first_line(err)})") from None
         images[i] = arr.reshape(h, w, channels)
         labels[i] = label
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err)
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_dir(path: Path) -> bool:

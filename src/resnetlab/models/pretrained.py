@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab.errors import CheckpointError
+from resnetlab.errors import CheckpointError, first_line
 from resnetlab.fileio import CHECKPOINT_NAME, is_torch_save, read_head
 
 __all__ = ["load_pretrained", "read_weights", "adapt_input_conv", "PretrainedReport"]
@@ -59,11 +59,6 @@ class PretrainedReport:
     in_chans: tuple[int, int] | None = None  # (file's, model's) stem channels when adapted
     reset: list[str] = field(default_factory=list)  # keys left at the model's initialisation
     notes: list[str] = field(default_factory=list)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -101,7 +96,7 @@ def _read_torch(p: Path) -> Any:
                 f"{p} carries non-weight objects and is refused (unpickling it could run code); "
                 "re-save only the state dict or use .safetensors"
             ) from None
-        raise CheckpointError(f"{p} is not a readable torch.save file ({_first_line(err)}); it may be truncated") from None
+        raise CheckpointError(f"{p} is not a readable torch.save file ({first_line(err)}); it may be truncated") from None
 
 
 def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
@@ -114,7 +109,7 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
-            f"{p} is neither a torch.save nor a safetensors file ({_first_line(err)}); give a .pth, .pt or .safetensors weights file"
+            f"{p} is neither a torch.save nor a safetensors file ({first_line(err)}); give a .pth, .pt or .safetensors weights file"
         ) from None
     if "resnetlab" in meta:  # a resnetlab checkpoint: its network is under "model."
         tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -247,49 +242,11 @@ def load_pretrained(model: nn.Module | str, path: str | os.PathLike, *, verbose:
     report = PretrainedReport(path=str(path))
     original = dict(sd)  # for the mismatch message: what the file holds before any adaptation
     target = model.state_dict()
-
-    # The stem: RGB weights into a model with other input channels.
-    stem = _stem_key(target)
-    if stem is not None and stem in sd:
-        w, t = sd[stem], target[stem]
-        if w.dim() == 4 and w.shape[1] != t.shape[1] and (w.shape[0], *w.shape[2:]) == (t.shape[0], *t.shape[2:]):
-            sd[stem] = adapt_input_conv(int(t.shape[1]), w)
-            report.in_chans = (int(w.shape[1]), int(t.shape[1]))
-            how = "summed over RGB" if t.shape[1] == 1 else f"tiled and scaled by 3/{t.shape[1]}"
-            report.notes.append(f"stem {stem} adapted from {w.shape[1]} to {t.shape[1]} input channels ({how})")
-
-    # The classifier: another number of classes keeps the model's fresh head.
-    head = _head(model)
-    hw, hb = f"{head}.weight", f"{head}.bias"
-    if head is not None and hw in sd and hw in target:
-        w, t = sd[hw], target[hw]
-        if w.dim() == 2 and w.shape[0] != t.shape[0] and w.shape[1] == t.shape[1]:
-            for k in (hw, hb):
-                if k in sd and k in target:
-                    sd.pop(k)
-                    report.reset.append(k)
-            report.notes.append(
-                f"classifier {head} reset: the file has {w.shape[0]} classes, the model {t.shape[0]} "
-                f"({head} keeps its fresh initialisation)"
-            )
-
+    _adapt_stem(sd, target, report)
+    _reset_head(sd, target, _head(model), report)
     optional = {k for k in target if k.endswith("num_batches_tracked")}  # absent from old torchvision files
-    missing = [k for k in target if k not in sd and k not in optional and k not in report.reset]
-    unexpected = [k for k in sd if k not in target]
-    shapes = [k for k in sd if k in target and tuple(sd[k].shape) != tuple(target[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} shapes differ: " + ", ".join(
-                f"{k} file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}" for k in shapes[:_SHOW]))  # fmt: skip
-        if missing:
-            parts.append(f"{len(missing)} missing from the file: {', '.join(missing[:_SHOW])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} not in the model: {', '.join(unexpected[:_SHOW])}")
-        raise CheckpointError(
-            f"weights in {path} do not fit {_model_label(model)}: the file looks like {describe_weights(original)}; "
-            + "; ".join(parts) + ". Build the model that matches the file (model name, width, stem)"
-        )
+    _check_fit(sd, target, optional, report, f"weights in {path} do not fit {_model_label(model)}: the file looks like "
+               f"{describe_weights(original)}")  # fmt: skip
     sd = {k: v for k, v in sd.items() if k in target}
     broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:  # training from them fails at step 0 with "loss is nan ... lower --lr", which is not the cause
@@ -307,3 +264,49 @@ def load_pretrained(model: nn.Module | str, path: str | os.PathLike, *, verbose:
             print(f"load_pretrained: {note}", flush=True)
     model.pretrained_report = report
     return model
+
+
+def _adapt_stem(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], report: PretrainedReport) -> None:
+    """RGB stem weights into a model with other input channels (in ``sd``, noted in ``report``)."""
+    stem = _stem_key(target)
+    if stem is not None and stem in sd:
+        w, t = sd[stem], target[stem]
+        if w.dim() == 4 and w.shape[1] != t.shape[1] and (w.shape[0], *w.shape[2:]) == (t.shape[0], *t.shape[2:]):
+            sd[stem] = adapt_input_conv(int(t.shape[1]), w)
+            report.in_chans = (int(w.shape[1]), int(t.shape[1]))
+            how = "summed over RGB" if t.shape[1] == 1 else f"tiled and scaled by 3/{t.shape[1]}"
+            report.notes.append(f"stem {stem} adapted from {w.shape[1]} to {t.shape[1]} input channels ({how})")
+
+
+def _reset_head(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], head: str | None, report: PretrainedReport) -> None:
+    """Another number of classes: the file's classifier is dropped and the model keeps its fresh head."""
+    hw, hb = f"{head}.weight", f"{head}.bias"
+    if head is not None and hw in sd and hw in target:
+        w, t = sd[hw], target[hw]
+        if w.dim() == 2 and w.shape[0] != t.shape[0] and w.shape[1] == t.shape[1]:
+            for k in (hw, hb):
+                if k in sd and k in target:
+                    sd.pop(k)
+                    report.reset.append(k)
+            report.notes.append(
+                f"classifier {head} reset: the file has {w.shape[0]} classes, the model {t.shape[0]} "
+                f"({head} keeps its fresh initialisation)"
+            )
+
+
+def _check_fit(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], optional: set[str], report: PretrainedReport,
+               what: str) -> None:  # fmt: skip
+    """Raise a one-line CheckpointError (``what`` and the first differences) unless ``sd`` fits ``target``."""
+    missing = [k for k in target if k not in sd and k not in optional and k not in report.reset]
+    unexpected = [k for k in sd if k not in target]
+    shapes = [k for k in sd if k in target and tuple(sd[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shapes differ: " + ", ".join(
+                f"{k} file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}" for k in shapes[:_SHOW]))  # fmt: skip
+        if missing:
+            parts.append(f"{len(missing)} missing from the file: {', '.join(missing[:_SHOW])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in the model: {', '.join(unexpected[:_SHOW])}")
+        raise CheckpointError(f"{what}; " + "; ".join(parts) + ". Build the model that matches the file (model name, width, stem)")

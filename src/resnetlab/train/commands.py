@@ -12,7 +12,7 @@ import sys
 from resnetlab.errors import UsageError
 from resnetlab.train.recipes import Recipe
 
-# Every Recipe field but its name is a `train` flag of the same name (tests/test_train.py checks the
+# Every Recipe field but its name is a `train` flag of the same name (tests/test_recipes.py checks the
 # parser has them all); flags whose value is None leave the recipe's value in place.
 RECIPE_FLAGS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "name")
 
@@ -21,7 +21,8 @@ def run_train(args: argparse.Namespace) -> int:
     # not `if args.nproc`: --nproc 0 must be refused, not run as one process. A worker torchrun
     # started (RANK is set) trains: however --nproc was spelled (argparse takes --npr), it must never
     # launch torchrun again.
-    from resnetlab.train.loop import check_train_request, train
+    from resnetlab.train.loop import train
+    from resnetlab.train.request import check_train_request
 
     overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
     request = dict(out=args.out, resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every or 0,
@@ -38,11 +39,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 # glibc malloc: allocations of 8 MiB and more always come from mmap, and the heap top is trimmed
 # only past 128 MiB. By default glibc raises its mmap threshold to 32 MiB after the first large
-# free, so every 8-32 MiB activation then lands on the heap, fragments it and stays resident:
-# one d2l_resnet18 step (batch 256 at 96 px) peaks at 1.68 GB by default and at 1.46 GB with these
-# two settings, at the same speed. A fixed mmap threshold alone would also pin the trim threshold
-# at 128 KiB and slow the `fast` recipe by x0.8 (the heap top is then returned and re-faulted
-# every step); a threshold of 128 KiB slows it by x0.6. README, "Performance", has the commands.
+# free, so every 8-32 MiB activation then lands on the heap, fragments it and stays resident; the
+# fixed mmap threshold keeps them off the heap. Both are set because a fixed mmap threshold alone
+# also pins the trim threshold at 128 KiB, and the heap top is then returned and re-faulted every
+# step; a lower mmap threshold costs speed. Peak memory and speed measured with and without them,
+# with commands and machine: docs/performance.md.
 MMAP_THRESHOLD = 8 << 20
 TRIM_THRESHOLD = 128 << 20
 
@@ -114,7 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from resnetlab.data import BatchLoader, load_dataset
     from resnetlab.inference import load_checkpoint
     from resnetlab.device import resolve_device, resolve_precision, warn_if_emulated
-    from resnetlab.train.loop import accuracy, evaluate, require_test_images
+    from resnetlab.train.evaluate import accuracy, evaluate, require_test_images
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device, inference=True)

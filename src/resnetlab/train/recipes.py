@@ -102,7 +102,7 @@ class Recipe:
     stem: str | None = None
     zero_init_residual: bool = False
     tta: bool = False
-    eval_batch_size: int = 256  # not 1000: x1.6 faster test passes at 28 px on a 2-core CPU (bench/eval_batch.py)
+    eval_batch_size: int = 256  # not 1000: x1.6 faster test passes at 28 px on a 2-core CPU (`resnetlab bench eval-batch`)
     eval_every: int = 1
     sync_bn: bool = False
     scale_lr: bool = False
@@ -217,16 +217,12 @@ RECIPES: dict[str, Recipe] = {
     ),
     # The chapter's 92.4% soonest on a small CPU: a small stem, images downscaled to 24 px, one-cycle
     # SGD with Nesterov momentum, label smoothing, flips and flip test-time augmentation. Width 16
-    # because on a CPU without bf16 (AVX2 only) the cost grows with width squared: resnet10 at width
-    # 16 trains at ~4x the images/s of width 32. Measured on seed 0 (README, performance section):
-    # 24 px costs 0.7x the time of 28 px for 0.1-0.2 points; batch 128 at peak lr 0.4 ends 3 epochs
-    # where batch 256 at 0.2 needed 4 (92.41% at lr 0.1, 92.80% at 0.2, 92.90% at 0.4 at 28 px; 92.66%
-    # at 24 px); 2 epochs at 28 px end at 92.17%, 3 at 22 or 20 px at 92.26% or 92.42% (22 px saves
-    # little: its maps are 22/11/6/3). Not progressive resizing: --progressive-sizes 16 (epoch 1 at
-    # 16 px) takes 0.87x the time but ends seeds 0-2 at 92.42/92.34/92.40% (mean 92.39%, below the
-    # line) instead of 92.66/92.54/92.57%. Test accuracy after the last epoch only (eval_every=0): a
-    # test pass with flip TTA costs 3-4.5 s, and skipping two cut the time outside training from
-    # 18.5 to 12.2 s (4% of the run); --eval-every 1 draws the per-epoch test curve.
+    # because on a CPU without bf16 (AVX2 only) the cost grows with width squared. 24 px, batch 128
+    # at peak lr 0.4 and 3 epochs: the cheapest setting measured that still ends above 92.4% over
+    # seeds 0-2; smaller images, fewer epochs and progressive resizing end at or below the line.
+    # Test accuracy after the last epoch only (eval_every=0): a test pass costs time and changes
+    # nothing in training; --eval-every 1 draws the per-epoch test curve. The measurements behind
+    # each choice, with commands and machine: docs/performance.md.
     "fast": Recipe(
         name="fast", model="resnet10", dataset="fashion-mnist", epochs=3, batch_size=128, lr=0.4,
         resize=24, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",

@@ -14,8 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -131,7 +129,7 @@ class RunLock:
         for _ in range(100):  # a retry only when the holder removed the file as it was opened
             f = open(self.path, "a+")  # held for the life of the run
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_exclusive(f)
             except BlockingIOError:
                 raise _in_use(self.path.parent, f) from None
             except BaseException:
@@ -164,6 +162,20 @@ class RunLock:
             self.remove_file()
             self._file.close()
             self._file = None
+
+
+def _flock_exclusive(f: Any, probe_seconds: float = 0.2) -> None:
+    """``flock(LOCK_EX)`` without waiting for a live run; a moment's wait for :func:`check_not_in_use`'s probe,
+    which holds a shared lock for an instant (refused then, a stale file would name a dead run's PID)."""
+    deadline = time.monotonic() + probe_seconds
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def check_not_in_use(run_dir: Path) -> None:
@@ -385,37 +397,6 @@ def _claim(base: Path) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "999 runs of this name exist", str(base))
-
-
-def git_commit() -> str | None:
-    """The commit of the resnetlab source tree, if it is a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    import platform
-
-    from resnetlab import __version__
-
-    env = {
-        "resnetlab": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-        "argv": sys.argv,
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
 
 
 def write_json(path: Path, obj: Any) -> None:

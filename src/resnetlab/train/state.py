@@ -1,0 +1,159 @@
+"""What a run carries from step to step and what a checkpoint saves of it.
+
+:class:`TrainState` owns what a resume restores (network, optimizer, scaler, normalisation,
+position, the epoch's running sums, the finished epochs); :class:`EpochMeter` the sums of the
+steps since the last fold; :class:`Checkpointer` the rules of writing it (rank 0 writes, every
+rank waits; a run stopped before its first checkpoint while an old run waits aside gives it back).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnetlab.checkpoint import load_weights, prefixed, save_checkpoint
+from resnetlab.data import Preprocess
+from resnetlab.fileio import CHECKPOINT_NAME
+from resnetlab.train import dist
+from resnetlab.train.rundir import RunFiles, plot_curves, write_metrics
+from resnetlab.train.signals import TrainingInterrupted, stopped
+from resnetlab.train.step import NonFiniteLoss, StepClock
+
+__all__ = ["EMPTY_SUMS", "EpochMeter", "TrainState", "Checkpointer"]
+
+# An epoch's running sums (a checkpoint saves them mid-epoch).
+EMPTY_SUMS = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves and a resume restores.
+
+    Args:
+        net: the network (not the DDP or compiled wrapper).
+        optimizer: its optimizer; scaler: fp16's loss scaler.
+        preprocess: the normalisation (a resumed run keeps its saved mean and std).
+        epoch, step: where the run stands (the next step to take).
+        sums: the current epoch's running sums (:data:`EMPTY_SUMS`), this rank's share.
+        history: the finished epochs' metrics rows.
+    """
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    preprocess: Preprocess
+    epoch: int = 0
+    step: int = 0
+    sums: dict[str, Any] = field(default_factory=lambda: dict(EMPTY_SUMS))
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors: weights, optimizer state, generator states."""
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{index}.{key}"] = value
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        return tensors
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's param groups without their parameters (JSON)."""
+        return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device, ctx: dist.DistContext) -> None:
+        """Take a checkpoint's state (validated by ``request.resumed_run``)."""
+        load_weights(self.net, prefixed(tensors, "model."), "checkpoint weights do not fit the model")
+        self.preprocess.mean.copy_(torch.tensor(meta["preprocessing"]["mean"]).view_as(self.preprocess.mean))
+        self.preprocess.std.copy_(torch.tensor(meta["preprocessing"]["std"]).view_as(self.preprocess.std))
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in prefixed(tensors, "optim.").items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value.to(device)
+        groups = self.optimizer.state_dict()["param_groups"]
+        for group, saved in zip(groups, meta["optimizer"]):
+            group.update(saved)
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        self.epoch, self.step = meta["position"]["epoch"], meta["position"]["step"]
+        self.sums, self.history = dist.share_of_sums(meta["sums"], ctx), meta["history"]
+
+
+class EpochMeter:
+    """Loss, correct predictions, images and seconds of the steps since the last :meth:`fold`, on the device
+    (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.count = 0
+        self.clock = StepClock(device)
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss.detach().double() * len(labels)
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.count += len(labels)
+
+    def fold(self, sums: dict[str, Any]) -> None:
+        """Add what was measured to the epoch's ``sums`` and start again (waits for queued steps)."""
+        compute = self.clock.take()
+        sums["loss"] += self.loss.item()
+        sums["correct"] += int(self.correct.item())
+        sums["count"] += self.count
+        sums["seconds"] += time.perf_counter() - self.started
+        sums["compute_seconds"] += compute
+        self.loss.zero_(), self.correct.zero_()
+        self.count, self.started = 0, time.perf_counter()
+
+
+class Checkpointer:
+    """Writes the run's checkpoint and metrics: rank 0 writes, every rank waits.
+
+    Args:
+        files: the run directory (created and locked by rank 0 in :meth:`RunFiles.create`).
+        state: what is saved.
+        static: the metadata that does not change during the run (model, data, recipe...).
+        ctx: the process group.
+        stop: the signal flag (:func:`signals.stop_flag`).
+    """
+
+    def __init__(self, files: RunFiles, state: TrainState, static: dict[str, Any], ctx: dist.DistContext,
+                 stop: dict[str, Any]) -> None:  # fmt: skip
+        self.files, self.state, self.static, self.ctx, self.stop = files, state, static, ctx, stop
+        self.run_dir: Path = files.run_dir
+        self.replacing = False  # an old run waits aside (--force) for this run's first checkpoint
+
+    def save(self) -> None:
+        """Save everything needed to continue at the state's (epoch, step)."""
+        state = self.state
+        if self.stop["interrupted"] and self.replacing and not self.files.checkpointed:  # the old run comes back
+            raise TrainingInterrupted(f"{stopped(self.stop)} before this run's first checkpoint; {self.run_dir} holds the "
+                                      "run it was replacing again", self.stop["signal"])  # fmt: skip
+        if not all(torch.isfinite(p).all() for p in state.net.parameters()):
+            raise NonFiniteLoss(f"weights became non-finite at epoch {state.epoch + 1}, step {state.step}; checkpoint not written")
+        saved_sums = dist.global_sums(state.sums, self.ctx.device)  # the epoch so far over all ranks
+        if self.ctx.is_main:
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, state.tensors(self.ctx.device),
+                            {**self.static, "position": {"epoch": state.epoch, "step": state.step}, "sums": saved_sums,
+                             "history": state.history, "optimizer": state.optimizer_groups(),
+                             "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None})  # fmt: skip
+        self.files.mark_checkpointed()
+        dist.barrier()
+
+    def write_history(self, title: str) -> None:
+        """metrics.jsonl/.csv and curves.png from the finished epochs (rank 0)."""
+        write_metrics(self.run_dir, self.state.history)
+        if self.state.history:
+            plot_curves(self.run_dir / "curves.png", self.state.history, title)
