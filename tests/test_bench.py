@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
+import re
 import time
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from resnetlab.bench.engines import ResnetlabTrainer
 from resnetlab.bench.tta import EPOCH_LINE, median_or_none
 from resnetlab.cli import main
 from resnetlab.data import load_dataset
+from resnetlab.device import cpu_class
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,14 @@ def last_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
     assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     return json.loads(out[-1])
+
+
+def output(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[str]:
+    """The lines a command prints (it must exit 0), after checking that the first names the CPU class."""
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("cpu: ") and f" ({cpu_class()}), 1 thread" in lines[0], lines[0]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def test_d2l_recipe_trains_bit_identically_to_train_ch6_on_the_same_batches(tiny
     its batch order and pixels. Fed resnetlab's own batches, train_ch6 ends at the very same weights."""
     from resnetlab.data import BatchLoader, Preprocess
     from resnetlab.train import train
-    from resnetlab.train.checkpoint import prefixed, read_checkpoint
+    from resnetlab.checkpoint import prefixed, read_checkpoint
     from resnetlab.train.loop import train_inputs
     from resnetlab.train.recipes import get_recipe
 
@@ -177,9 +186,14 @@ def test_control_batches_are_resnetlabs_order_with_pil_pixels(tiny_folder: str) 
     assert not torch.equal(epoch0, pairs[0][0][0])  # epochs 0 and 1 are shuffled differently
 
 
-def test_reference_script_in_bench_reexports_the_package_module() -> None:
-    g = runpy.run_path(str(ROOT / "bench" / "reference.py"), run_name="not_main")
-    assert g["train_ch6"] is ref.train_ch6 and g["CHAPTER"] is ref.CHAPTER
+def test_bench_reference_trains_the_chapters_way(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    r = last_json(capsys, ["bench", "reference", "--epochs", "1", "--resize", "32", "--workers", "0", "--batch-size", "16",
+                           "--dataset", tiny_folder, "--json"])  # fmt: skip
+    assert 0 <= r["test_acc"] <= 1 and len(r["history"]) == 1 and r["compute_images_per_s"] > 0
+
+
+def test_no_python_left_in_top_level_bench() -> None:
+    assert not list(ROOT.glob("bench/*.py")), "every benchmark is a module of resnetlab.bench"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +270,15 @@ def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -
     (["infer", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
     (["time-to-accuracy", "--seeds", "0"], "--seeds must be >= 1, not 0"),
     (["train", "--threads", "0"], "--threads must be >= 1, not 0"),
+    (["pipeline", "--batches", "0"], "--batches must be >= 1, not 0"),
+    (["pipeline", "--size", "0"], "--size must be >= 1, not 0"),
+    (["eval-batch", "RUN", "--rounds", "0"], "--rounds must be >= 1, not 0"),
+    (["eval-batch", "RUN", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
+    (["conv-backward", "--reps", "0"], "--reps must be >= 1, not 0"),
+    (["conv-backward", "--recipe", "zzz"], "unknown recipe 'zzz'; choose one of d2l, fast, best"),
+    (["accuracy-holds", "--epochs", "0"], "--epochs must be >= 1, not 0"),
+    (["reference", "--subset", "-1"], "--subset must be >= 0, not -1"),
+    (["strided-projection", "--cases", "fast,huge"], "--cases takes a comma list of fast, d2l, not 'fast,huge'"),
 ])  # fmt: skip
 def test_bench_size_flags_are_checked_first(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     t0 = time.perf_counter()
@@ -305,12 +328,10 @@ def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str])
     assert capsys.readouterr().err == "resnetlab: error: --train-args: No closing quotation\n"
 
 
-def test_accuracy_holds_script_runs_tiny(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
-    script = runpy.run_path(str(ROOT / "bench" / "accuracy_holds.py"), run_name="not_main")
-    code = script["main"](["--epochs", "1", "--resize", "32", "--workers", "0", "--dataset", tiny_folder,
+def test_bench_accuracy_holds_runs_tiny(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    r = last_json(capsys, ["bench", "accuracy-holds", "--epochs", "1", "--resize", "32", "--workers", "0", "--dataset", tiny_folder,
                            "--tolerance", "100", "--control", "--json"])  # fmt: skip
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == 0 and r["ok"] and 0 <= r["reference_test_acc"] <= 1 and 0 <= r["resnetlab_test_acc"] <= 1
+    assert r["ok"] and r["cpu_class"] == cpu_class() and 0 <= r["reference_test_acc"] <= 1 and 0 <= r["resnetlab_test_acc"] <= 1
     assert r["epochs"] == 1 and len(r["reference_history"]) == len(r["resnetlab_history"]) == len(r["control_history"]) == 1
     gap = r["gap_from_order_points"] + r["gap_from_pixels_points"]
     assert gap == pytest.approx(r["gap_points"], abs=2e-3)
@@ -334,3 +355,83 @@ def test_bench_train_refuses_a_batch_batchnorm_cannot_train_on(tiny_folder: str,
                  "--steps", "1", "--workers", "0", *PEAKS]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "batch size 1 gives resnet10's BatchNorm a single value per channel" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Every command at its smallest: exit 0, its figures, the CPU class it detected
+
+
+@pytest.mark.parametrize("argv, figures", [
+    (["train", "--resize", "32", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0", *PEAKS],
+     ["matmul peaks: fp32 ", "reference (chapter loop): ", "resnetlab:                ", "speed-up: x"]),
+    (["infer", "--resize", "32", "--batch-sizes", "2", "--small-reps", "1", *PEAKS],
+     ["batch 2:", "  reference ", "  channels_last_bn_folded ", "  resnetlab (", ") vs reference: x"]),
+])  # fmt: skip
+def test_bench_train_and_infer_say_the_cpu_class(capsys: pytest.CaptureFixture[str], tiny_folder: str, argv: list[str],
+                                                 figures: list[str]) -> None:  # fmt: skip
+    text = "\n".join(output(capsys, ["bench", *argv, "--dataset", tiny_folder]))
+    for figure in figures:
+        assert figure in text, figure
+
+
+def test_bench_pipeline(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    lines = output(capsys, ["bench", "pipeline", "--dataset", tiny_folder, "--size", "32", "--batch-size", "8", "--batches", "2",
+                            "--workers", "0", "--device", "cpu", "--json"])  # fmt: skip
+    assert lines[1].startswith("resnetlab BatchLoader+to_float+resize(32): ") and lines[1].endswith(" images/s")
+    assert lines[2].startswith("chapter DataLoader (PIL resize, 0 workers): ") and lines[3].startswith("speed-up: ")
+    r = json.loads(lines[-1])
+    assert r["resnetlab_images_per_s"] > 0 and r["reference_images_per_s"] > 0 and r["batches"] == 2 and r["size"] == 32
+    assert r["cpu_class"] == cpu_class() and r["device"] == "cpu"
+
+
+def test_pipeline_reference_side_is_the_chapters_pil_resize(tiny_folder: str) -> None:
+    """The pipeline's reference is the reference loop's own dataset: PIL bilinear resize, then /255."""
+    train_split, _ = load_dataset(tiny_folder)
+    x, y = ref.PILDataset(train_split, ref.chapter_transform(40))[3]
+    a = train_split.images[3, 0].numpy()
+    want = np.asarray(Image.fromarray(a).resize((40, 40), Image.BILINEAR), dtype=np.float32) / 255.0
+    assert torch.equal(x, torch.from_numpy(want).unsqueeze(0)) and y == int(train_split.labels[3])
+
+
+def test_bench_accuracy_holds_prints_its_figures(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
+    lines = output(capsys, ["bench", "accuracy-holds", "--epochs", "1", "--resize", "32", "--workers", "0",
+                            "--dataset", tiny_folder, "--tolerance", "100"])  # fmt: skip
+    assert lines[1] == "reference (chapter loop), 1 epoch(s), seed 0:"
+    assert lines[-1].startswith("test accuracy: reference ") and "(within 100.0 points)" in lines[-1]
+
+
+def test_bench_conv_backward(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = output(capsys, ["bench", "conv-backward", "--recipe", "fast", "--batch-size", "2", "--reps", "1"])
+    assert lines[1].startswith("fast: resnet10, batch 2, 24 px, 1 threads; ms per call (median of 1)")
+    assert lines[2].split() == ["convolution", "forward", "grad", "in", "grad", "W", "W/fwd", "im2col", "W"]
+    assert lines[3].startswith("1->16 3x3/1 @24px") and len(lines[3].split()) == 8
+    assert re.match(r"all \d+ convolutions ", lines[-1]) and lines[-1].endswith("(last: the faster weight gradient per layer)")
+
+
+def test_bench_fast_step(capsys: pytest.CaptureFixture[str], tiny_folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: model)  # the plumbing, not minutes of compiling
+    lines = output(capsys, ["bench", "fast-step", "--steps", "1", "--warmup", "0", "--dataset", tiny_folder])
+    assert lines[1].startswith("lever compile: x") and "images/s at batch 128, 1 steps" in lines[1]
+    r = json.loads(lines[-1])
+    assert r["recipe"] == "fast" and r["ratio"] > 0 and r["steps"] == 1 and r["cpu_class"] == cpu_class()
+
+
+def test_bench_eval_batch(capsys: pytest.CaptureFixture[str], tiny_folder: str, tmp_path: Path) -> None:
+    from resnetlab.train import train
+
+    train("fast", out=tmp_path / "run", dataset=tiny_folder, epochs=1, width=8, batch_size=16, progress=False)
+    capsys.readouterr()
+    lines = output(capsys, ["bench", "eval-batch", str(tmp_path / "run"), "--batch-sizes", "4,16", "--rounds", "1", "--json"])
+    assert lines[1].startswith("batch     4: ") and "s per evaluation (median of 1), " in lines[1]
+    assert lines[2].startswith("batch    16: ") and "test images/s, x" in lines[2]
+    r = json.loads(lines[-1])
+    assert r["test_images"] == 16 and set(r["median_seconds"]) == {"4", "16"} and r["cpu_class"] == cpu_class()
+
+
+def test_bench_strided_projection(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "strided-projection", "--cases", "fast", "--rounds", "1", "--steps", "1", "--precision", "fp32"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert r["case"] == "fast (resnet10 w16 small @24, batch 128)" and r["cpu_class"] == cpu_class()
+    assert set(r["ms_per_step"]) == {"sliced", "strided"} and r["sliced_vs_strided"] > 0 and r["precision"] == "fp32"

@@ -212,7 +212,7 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks against the chapter's reference loop")
+    p = sub.add_parser("bench", help="benchmarks: resnetlab against the chapter's reference loop, and its own choices")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     b = bsub.add_parser("train", help="training images/s: chapter's reference loop vs resnetlab, same run")
     b.add_argument("--model", default="d2l_resnet18", help="registry name, both sides (default d2l_resnet18)")
@@ -252,6 +252,70 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--small-reps", type=int, default=20, help="timed calls per variant at batches up to 8")
     b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="also time torch.compile")
     _add_bench_common(b)
+    _add_bench_chapter_checks(bsub)
+    _add_bench_studies(bsub)
+
+
+def _add_bench_chapter_checks(bsub: argparse._SubParsersAction) -> None:
+    """The bench commands that set resnetlab against the chapter's loop besides train/infer/time-to-accuracy."""
+    b = bsub.add_parser("pipeline", help="input pipeline alone (no model): resnetlab's in-memory batches vs the chapter's DataLoader")
+    b.add_argument("--dataset", default="fashion-mnist", help="the images (default fashion-mnist)")
+    b.add_argument("--data-root", help="look for the dataset here first")
+    b.add_argument("--size", type=int, default=96, help="square side both sides resize to (default 96, the chapter's)")
+    b.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    b.add_argument("--batches", type=int, default=20, help="timed batches of each side (default 20)")
+    b.add_argument("--workers", type=int, default=2, help="the reference DataLoader's workers (default 2; the chapter: 4)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    b.add_argument("--json", action="store_true", help="also print the figures as one JSON object on the last line")
+    b = bsub.add_parser("accuracy-holds", help="the chapter's loop and the d2l recipe, same seed and epochs: same test "
+                        "accuracy? (exit 1 when not)")  # fmt: skip
+    b.add_argument("--epochs", type=int, default=2, help="epochs of each run (default 2)")
+    b.add_argument("--tolerance", type=float, default=0.5, help="allowed gap in test-accuracy points (default 0.5)")
+    b.add_argument("--control", action="store_true",
+                   help="also train the reference loop on resnetlab's batch order (PIL inputs) to split the gap")
+    _add_bench_chapter_run(b)
+    b = bsub.add_parser("reference", help="train the chapter's ResNet-18 exactly the chapter's way (no torchvision)")
+    b.add_argument("--epochs", type=int, help="default the chapter's, 10")
+    b.add_argument("--lr", type=float, help="default the chapter's, 0.05")
+    b.add_argument("--batch-size", type=int, help="default the chapter's, 256")
+    b.add_argument("--model", help="registry name (default the chapter's, d2l_resnet18)")
+    _add_bench_chapter_run(b)
+
+
+def _add_bench_chapter_run(b: argparse.ArgumentParser) -> None:
+    """The flags of a command that trains the chapter's way: what to train on, where, and with what seed."""
+    b.add_argument("--seed", type=int, default=0, help="seeds the init and the shuffle, and picks --subset (default 0)")
+    b.add_argument("--subset", type=int, default=0, help="train on this seeded subset, as resnetlab train --subset (0: all)")
+    b.add_argument("--resize", type=int, help="square input side (default the chapter's, 96; 0 keeps the native size)")
+    b.add_argument("--workers", type=int, help="the reference DataLoader's workers (default the chapter's, 4)")
+    b.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default), mnist, cifar10 or folder:PATH")
+    b.add_argument("--data-root", help="look for the dataset here first")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    b.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+
+
+def _add_bench_studies(bsub: argparse._SubParsersAction) -> None:
+    """The bench commands that measure one of resnetlab's own choices."""
+    b = bsub.add_parser("fast-step", help="a recipe's own training step, eager vs torch.compile, interleaved (CPU)")
+    b.add_argument("--recipe", default="fast", help="d2l, fast or best (default fast)")
+    b.add_argument("--steps", type=int, default=20, help="timed steps of each side (default 20)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first (default 2)")
+    b.add_argument("--dataset", help="default: the recipe's")
+    b.add_argument("--data-root", help="look for the dataset here first")
+    b = bsub.add_parser("conv-backward", help="a recipe's convolutions: forward vs input and weight gradients, per layer (CPU)")
+    b.add_argument("--recipe", default="fast", help="d2l, fast or best (default fast)")
+    b.add_argument("--batch-size", type=int, help="default: the recipe's")
+    b.add_argument("--reps", type=int, default=15, help="timed calls per figure; the median is printed (default 15)")
+    b = bsub.add_parser("eval-batch", help="a run's end-of-epoch test pass at several batch sizes, interleaved")
+    b.add_argument("run", help="a resnetlab run directory or its last.safetensors")
+    b.add_argument("--batch-sizes", default="64,128,256,1000", help="comma list (default 64,128,256,1000)")
+    b.add_argument("--rounds", type=int, default=4, help="timed passes over the test split per size (default 4)")
+    b.add_argument("--json", action="store_true", help="also print the figures as one JSON object on the last line")
+    b = bsub.add_parser("strided-projection", help="training step with the shortcuts' stride sliced vs a strided 1x1 convolution (CPU)")
+    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 only where native")
+    b.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds; the median is printed (default 5)")
+    b.add_argument("--steps", type=int, default=5, help="training steps per variant per round (default 5)")
+    b.add_argument("--cases", default="fast,d2l", help="comma list of fast (resnet10 w16 @24) and d2l (d2l_resnet18 @96)")
 
 
 def _add_bench_common(b: argparse.ArgumentParser) -> None:

@@ -1,11 +1,25 @@
-"""Benchmarks against the D2L chapter's reference loop (``resnetlab bench train|time-to-accuracy|infer``).
+"""Benchmarks: every one is a module here, run as ``resnetlab bench NAME`` (see ``resnetlab bench --help``).
 
-* :mod:`resnetlab.bench.reference`: the chapter's data pipeline and ``train_ch6``, reproduced.
-* :mod:`resnetlab.bench.engines`: resnetlab's loop one step at a time, levers as switches,
-  interleaved timing.
-* :mod:`resnetlab.bench.machine`: CPU model and flags, fp32 / bf16 matmul peaks, FLOPs per image.
+Against the D2L chapter's reference loop:
 
-Every command prints its figures as one JSON object on the last line with ``--json``.
+* ``train`` (:mod:`~resnetlab.bench.train_bench`): training images/s, the chapter's loop vs resnetlab;
+* ``infer`` (:mod:`~resnetlab.bench.infer`): eval images/s and latency;
+* ``time-to-accuracy`` (:mod:`~resnetlab.bench.tta`): wall-clock to a test accuracy;
+* ``pipeline`` (:mod:`~resnetlab.bench.pipeline`): the input pipeline alone;
+* ``accuracy-holds`` (:mod:`~resnetlab.bench.accuracy_holds`): same seed, same epochs, same accuracy?
+* ``reference`` (:mod:`~resnetlab.bench.reference`): the chapter's data pipeline and ``train_ch6``, reproduced.
+
+Of resnetlab's own choices:
+
+* ``fast-step`` (:mod:`~resnetlab.bench.fast_step`): a recipe's step, eager vs ``torch.compile``;
+* ``conv-backward`` (:mod:`~resnetlab.bench.conv_backward`): a recipe's convolutions, forward vs backward;
+* ``eval-batch`` (:mod:`~resnetlab.bench.eval_batch`): a run's test pass at several batch sizes;
+* ``strided-projection`` (:mod:`~resnetlab.bench.strided_projection`): sliced vs strided 1x1 shortcuts.
+
+Shared pieces: :mod:`resnetlab.bench.engines` (resnetlab's loop one step at a time, levers as
+switches, interleaved timing) and :mod:`resnetlab.bench.machine` (CPU model, class and flags, fp32 /
+bf16 matmul peaks, FLOPs per image, round-robin timing). Every command prints the CPU class it ran
+on; most print their figures as one JSON object on the last line with ``--json``.
 """
 
 from __future__ import annotations
@@ -18,13 +32,21 @@ _COMMANDS = {
     "train": "resnetlab.bench.train_bench:run_train_bench",
     "time-to-accuracy": "resnetlab.bench.tta:run_tta_bench",
     "infer": "resnetlab.bench.infer:run_infer_bench",
+    "pipeline": "resnetlab.bench.pipeline:run_pipeline_bench",
+    "accuracy-holds": "resnetlab.bench.accuracy_holds:run_accuracy_holds_bench",
+    "reference": "resnetlab.bench.reference:run_reference_bench",
+    "fast-step": "resnetlab.bench.fast_step:run_fast_step_bench",
+    "conv-backward": "resnetlab.bench.conv_backward:run_conv_backward_bench",
+    "eval-batch": "resnetlab.bench.eval_batch:run_eval_batch_bench",
+    "strided-projection": "resnetlab.bench.strided_projection:run_strided_projection_bench",
 }
 
 
 # The integer flags of the bench commands and their least values (a peak matmul of side 0 divides
 # by zero, a negative side cannot be built; --resize 0 keeps the native size).
 _LEAST = {"steps": 1, "batch_size": 1, "block": 1, "warmup": 0, "workers": 0, "lever_batch_size": 1, "lever_steps": 1,
-          "reps": 1, "small_reps": 1, "seeds": 1, "resize": 0, "peak_size": 1, "bf16_peak_size": 1, "threads": 1}  # fmt: skip
+          "reps": 1, "small_reps": 1, "seeds": 1, "resize": 0, "peak_size": 1, "bf16_peak_size": 1, "threads": 1,
+          "rounds": 1, "batches": 1, "size": 1, "epochs": 1, "subset": 0}  # fmt: skip
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """resnetlab's training engine one step at a time, and interleaved timing of several engines.
 
-``ResnetlabTrainer`` is the body of :func:`resnetlab.train.loop.train` built from the same pieces
+``ResnetlabTrainer`` is the body of :func:`resnetlab.train.train` built from the same pieces
 (``BatchLoader`` on the device, batched ``train_inputs``, ``make_optimizer``, ``xavier_init``,
 ``resolve_precision``), with each lever a switch so that the benchmark can turn one off at a time.
 """
@@ -19,8 +19,8 @@ from resnetlab.bench.reference import PILDataset, chapter_transform, forever
 from resnetlab.data import BatchLoader, Preprocess, Split
 from resnetlab.errors import UsageError
 from resnetlab.models import create_model
-from resnetlab.device import resolve_precision
-from resnetlab.train.loop import NonFiniteLoss, augment_generator, make_optimizer, train_inputs, xavier_init
+from resnetlab.device import autocast_dtype, resolve_precision
+from resnetlab.train.step import NonFiniteLoss, augment_generator, make_optimizer, train_inputs, train_step, xavier_init
 from resnetlab.train.recipes import get_recipe
 
 
@@ -64,7 +64,8 @@ class ResnetlabTrainer:
         self.optimizer = make_optimizer(self.recipe, net, lr)
         self.model = torch.compile(net) if compile else net
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast = autocast_dtype(self.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if data == "memory":
             self.loader: Any = BatchLoader(train, batch_size, shuffle=True, seed=seed, device=self.device)
             self._batches: Iterator[Any] = self._memory_batches()
@@ -92,15 +93,11 @@ class ResnetlabTrainer:
             labels = labels.to(self.device, non_blocking=True)
             if self.recipe.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            logits = self.model(x)
-            loss = self.loss_fn(logits.float(), labels)
-        if self.device.type == "cpu" or self.steps % 20 == 0:  # as the loop: a host sync, free only on the CPU
-            if not torch.isfinite(loss).item():
-                raise NonFiniteLoss(f"loss is {loss.item()} at benchmark step {self.steps}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        try:  # the loop's own step; the finiteness check as the loop's: every step on the CPU
+            loss, logits = train_step(self.model, x, labels, self.optimizer, self.scaler, self.loss_fn, self.autocast,
+                                      check_finite=self.device.type == "cpu" or self.steps % 20 == 0)  # fmt: skip
+        except NonFiniteLoss as err:
+            raise NonFiniteLoss(f"{err} at benchmark step {self.steps}") from None
         (logits.argmax(dim=1) == labels).sum()  # the loop's running accuracy
         self.steps += 1
         return len(labels)

@@ -8,61 +8,65 @@ emulated and slower, which is why ``precision="auto"`` trains in fp32 there.
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from contextlib import contextmanager
-from datetime import date
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from resnetlab.device import bf16_is_native, cpu_class, cpu_flags
 
-# CPU flags that decide which precisions are fast
-INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "asimd", "sve")
+def cpu_line(info: dict[str, Any]) -> str:
+    """The line every benchmark prints first: the CPU, the class of kernels it runs and torch's threads.
 
+    Args:
+        info: :func:`cpu_info` or :func:`environment` of this process.
 
-def cpu_info() -> dict[str, Any]:
-    """CPU model, cores and the flags that matter, from /proc/cpuinfo where there is one."""
-    model, flags = platform.processor() or platform.machine(), cpu_flags() or set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "cpu model"):
-                    model = value.strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_class": cpu_class(),
-        "bf16_native": bf16_is_native(torch.device("cpu")),
-    }
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Everything a reader needs to put a figure in context."""
-    info = cpu_info()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"device": str(device), **info, "torch": torch.__version__, "python": platform.python_version(),
-            "load_average": load, "date": date.today().isoformat()}  # fmt: skip
+    Returns:
+        e.g. ``cpu: Intel(R) Xeon(R) Platinum 8480+ (AMX), 2 threads``.
+    """
+    threads = info["threads"]
+    return f"cpu: {info['cpu']} ({info['cpu_class']}), {threads} thread{'' if threads == 1 else 's'}"
 
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU): call before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+K = TypeVar("K")
+
+
+def round_robin(calls: dict[K, Callable[[], object]], rounds: int, device: torch.device | None = None,
+                warmup: int = 0) -> dict[K, list[float]]:  # fmt: skip
+    """Time each of ``calls`` once per round, in turn, so that machine load hits all of them alike.
+
+    Unlike :func:`resnetlab.bench.engines.interleaved` (training steps, the first side alternating),
+    the order is the same every round.
+
+    Args:
+        calls: name -> a call with no arguments.
+        rounds: timed rounds.
+        device: synchronised after each call (and after the warm-up) before the clock is read.
+        warmup: untimed rounds first.
+
+    Returns:
+        name -> the seconds of each timed call, ``rounds`` of them.
+    """
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    if device is not None:
+        synchronize(device)
+    seconds: dict[K, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if device is not None:
+                synchronize(device)
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds
 
 
 @contextmanager

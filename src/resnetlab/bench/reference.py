@@ -18,8 +18,8 @@ This module is that code without d2l and without torchvision (neither is a depen
   ``nn.CrossEntropyLoss()`` (mean), the loop body of ``train_ch6``: ``net.train()``, then per
   batch ``zero_grad``, ``X, y`` to the device, forward, loss, backward, step, metrics.
 
-Run it as a script (``python bench/reference.py`` re-exports this module) to train the chapter's
-way; ``bench/accuracy_holds.py`` compares it with resnetlab's ``d2l`` recipe.
+``resnetlab bench reference`` trains the chapter's way; ``resnetlab bench accuracy-holds``
+compares it with resnetlab's ``d2l`` recipe.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class PILBatchesInResnetlabOrder:
     The same batches, in the same order, as ``resnetlab train --seed S`` (its ``BatchLoader``), each
     image through :func:`chapter_transform`. Trained with :func:`train_ch6`, it differs from resnetlab
     only in the pixels (PIL resizes and rounds to uint8; resnetlab resizes in float), and from the
-    reference only in the order, so ``bench/accuracy_holds.py --control`` can tell the two apart.
+    reference only in the order, so ``resnetlab bench accuracy-holds --control`` can tell the two apart.
     Each iteration is the next epoch, as a DataLoader's reshuffle.
     """
 
@@ -294,7 +294,7 @@ def run_reference(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 256, 
     come in resnetlab's order for ``seed`` instead of the DataLoader's shuffle.
     """
     from resnetlab.device import resolve_device
-    from resnetlab.train.loop import seeded_subset
+    from resnetlab.train.setup import seeded_subset
 
     dev = resolve_device(device)
     train, test = load_dataset(dataset, root=data_root)
@@ -307,28 +307,27 @@ def run_reference(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 256, 
     return train_ch6(net, train_iter, test_iter, epochs, lr, dev, log=log)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Train the D2L chapter's ResNet-18 exactly the chapter's way (no torchvision).")
-    p.add_argument("--epochs", type=int, default=CHAPTER["num_epochs"], help="the chapter: 10")
-    p.add_argument("--lr", type=float, default=CHAPTER["lr"], help="the chapter: 0.05")
-    p.add_argument("--batch-size", type=int, default=CHAPTER["batch_size"], help="the chapter: 256")
-    p.add_argument("--resize", type=int, default=CHAPTER["resize"], help="0 keeps the native size")
-    p.add_argument("--workers", type=int, default=CHAPTER["num_workers"], help="DataLoader workers (the chapter: 4)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the init and the shuffle, and picks --subset")
-    p.add_argument("--subset", type=int, default=0, help="train on the same seeded subset as resnetlab train --subset")
-    p.add_argument("--model", default=CHAPTER["model"], help="registry name (the chapter's: d2l_resnet18)")
-    p.add_argument("--dataset", default=CHAPTER["dataset"], help="fashion-mnist, mnist, cifar10 or folder:PATH")
-    p.add_argument("--data-root", help="look for the dataset here first")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
-    a = p.parse_args(argv)
-    result = run_reference(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, resize=a.resize or None,
-                           num_workers=a.workers, seed=a.seed, subset=a.subset, model=a.model, dataset=a.dataset,
-                           data_root=a.data_root, device=a.device)  # fmt: skip
-    if a.json:
+def run_reference_bench(args: argparse.Namespace) -> int:
+    """Train the D2L chapter's ResNet-18 exactly the chapter's way (no torchvision); print train_ch6's lines.
+
+    Args:
+        args: the parsed flags of ``resnetlab bench reference``: ``epochs``, ``lr``, ``batch_size``,
+            ``resize``, ``workers`` and ``model`` (None: the chapter's, see :data:`CHAPTER`), ``seed``,
+            ``subset``, ``dataset``, ``data_root``, ``device`` and ``json``.
+
+    Returns:
+        0.
+    """
+    from resnetlab.device import cpu_info
+    from resnetlab.bench.machine import cpu_line
+
+    chapter = {"epochs": CHAPTER["num_epochs"], "lr": CHAPTER["lr"], "batch_size": CHAPTER["batch_size"],
+               "resize": CHAPTER["resize"], "workers": CHAPTER["num_workers"], "model": CHAPTER["model"]}  # fmt: skip
+    a = {k: chapter[k] if getattr(args, k) is None else getattr(args, k) for k in chapter}
+    print(cpu_line(cpu_info()))
+    result = run_reference(epochs=a["epochs"], lr=a["lr"], batch_size=a["batch_size"], resize=a["resize"] or None,
+                           num_workers=a["workers"], seed=args.seed, subset=args.subset, model=a["model"],
+                           dataset=args.dataset, data_root=args.data_root, device=args.device)  # fmt: skip
+    if args.json:
         print(json.dumps(result))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -109,7 +109,16 @@ def median_or_none(values: list[float | None]) -> float | None:
 
 
 def run_tta_bench(args: argparse.Namespace) -> int:
-    from resnetlab.bench.machine import cpu_info
+    """``resnetlab bench time-to-accuracy``: time one training process per seed to ``--target``.
+
+    Args:
+        args: the parsed flags of ``resnetlab bench time-to-accuracy``.
+
+    Returns:
+        0; the figures are printed (``--json``: one JSON object on the last line).
+    """
+    from resnetlab.device import cpu_info
+    from resnetlab.bench.machine import cpu_line
 
     if not 0 < args.target <= 1:
         raise UsageError(f"--target is an accuracy in (0, 1], not {args.target}")
@@ -122,6 +131,8 @@ def run_tta_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"--train-args may not set {flag}: the benchmark sets it")
     device = None if args.device == "auto" else args.device
     say = (lambda *_: None) if args.json else (lambda m: print(m, flush=True))
+    info = cpu_info()
+    say(cpu_line(info))
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         say(f"seed {seed}: resnetlab train --recipe {args.recipe} --seed {seed} {shlex.join(extra)}".rstrip())
@@ -139,7 +150,6 @@ def run_tta_bench(args: argparse.Namespace) -> int:
     say(f"median time to {args.target}: " + (f"{med:.1f} s ({med_train} s of training)" if med is not None else "not reached by most seeds")
         + f" over {len(runs)} seed(s); median process total {statistics.median(r['total_seconds'] for r in runs):.1f} s")  # fmt: skip
     if args.json:
-        info = cpu_info()
         print(json.dumps({
             "recipe": args.recipe, "target": args.target, "seeds": [r["seed"] for r in runs],
             "seconds": [r["seconds"] for r in runs], "median_seconds": med,
@@ -148,7 +158,7 @@ def run_tta_bench(args: argparse.Namespace) -> int:
             "reached": [r["reached"] for r in runs], "final_accuracies": [r["final_accuracy"] for r in runs],
             "total_seconds": [r["total_seconds"] for r in runs],
             "median_total_seconds": round(statistics.median(r["total_seconds"] for r in runs), 2),
-            "train_args": extra, "device": args.device, "cpu": info["cpu"], "cores": info["cores"],
+            "train_args": extra, "device": args.device, "cpu": info["cpu"], "cores": info["cores"], "cpu_class": info["cpu_class"],
             "runs": runs,
         }))  # fmt: skip
     return 0

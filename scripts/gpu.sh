@@ -8,7 +8,7 @@
 # dependencies (numpy, safetensors, tqdm, matplotlib, pillow, pytest), the package from src/.
 # No network is needed when Fashion-MNIST is in $RESNETLAB_DATA (default ./.data, ignored by git):
 #     mkdir -p .data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .data/fashion-mnist/
-#     bash bench/gpu.sh            # about 6-7 minutes on one H100/H200 (estimated; never run there yet)
+#     bash scripts/gpu.sh            # about 6-7 minutes on one H100/H200 (estimated; never run there yet)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -21,7 +21,7 @@ exec > >(tee "$out/gpu-log.txt") 2>&1
 $py - <<'EOF'
 import torch
 if not torch.cuda.is_available():
-    raise SystemExit("bench/gpu.sh: no CUDA GPU visible to PyTorch; run it on a machine with one")
+    raise SystemExit("scripts/gpu.sh: no CUDA GPU visible to PyTorch; run it on a machine with one")
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16 {torch.cuda.is_bf16_supported()}")
 EOF
 $py -m resnetlab data info fashion-mnist
