@@ -104,7 +104,8 @@ class _StridedPointwiseConvs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
-            weight, stride = args[1], args[3] if func is torch.ops.aten.convolution.default else args[4]
+            forward = func is torch.ops.aten.convolution.default  # (input, weight, bias, stride...) / (grad, input, weight, ..., stride...)
+            weight, stride = (args[1], args[3]) if forward else (args[2], args[4])
             if tuple(weight.shape[-2:]) == (1, 1) and any(s > 1 for s in stride):
                 self.seen.append(f"{func} weight {tuple(weight.shape)} stride {tuple(stride)}")
         return func(*args, **(kwargs or {}))

@@ -229,7 +229,7 @@ def test_an_optimizer_that_never_stepped_may_have_no_state(runs: dict[str, Path]
     # an fp16 run's GradScaler skips the steps whose gradients overflowed: its first checkpoints may hold no
     # optimizer state; every other checkpoint holds it whole (deleting it all is refused, above)
     from resnetlab.checkpoint import read_checkpoint
-    from resnetlab.train.loop import _resume_state
+    from resnetlab.train.request import _resume_state
 
     scaler = {"scale": 32768.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0}
     run = _damaged(runs["sgd"], tmp_path, both(drop_optimizer_state, set_meta("scaler", value=scaler)))

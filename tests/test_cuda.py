@@ -1,6 +1,6 @@
 """CUDA: what changes when training runs on a GPU (issue 5, target 4).
 
-Skipped where no CUDA device is present, as in CI; ``bench/gpu.sh`` runs them on a lent GPU
+Skipped where no CUDA device is present, as in CI; ``scripts/gpu.sh`` runs them on a lent GPU
 machine together with the GPU benchmarks. They check the promises the CPU tests cannot: the
 random transforms and the batch order do not depend on the device, every precision trains on
 the GPU, and a run trained there evaluates and resumes on a CPU.
@@ -17,9 +17,9 @@ import torch
 from resnetlab.cli import main
 from resnetlab.data import BatchLoader, load_dataset, random_crop, random_erasing, random_flip
 from resnetlab.train import train
-from resnetlab.train.loop import seeded_subset
+from resnetlab.train.setup import seeded_subset
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run bench/gpu.sh on one)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/gpu.sh on one)")
 
 SMALL = dict(model="resnet10", width=8, subset=2048, batch_size=64, epochs=3, progress=False)
 

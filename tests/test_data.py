@@ -7,10 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnetlab.cli import main
-from resnetlab.data import Split, load_dataset, sources
-from resnetlab.errors import DataError, UsageError
-from test_data_util import (  # noqa: F401  (fixtures)
+from data_helpers import (  # noqa: F401  (fixtures)
     REAL_FASHION,
     isolated,
     make_cifar_files,
@@ -19,6 +16,9 @@ from test_data_util import (  # noqa: F401  (fixtures)
     write_cifar_tar,
     write_idx_dataset,
 )
+from resnetlab.cli import main
+from resnetlab.data import Split, load_dataset, sources
+from resnetlab.errors import DataError, UsageError
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 

@@ -13,11 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from resnetlab.cli import main
-from resnetlab.data import load_dataset
-from resnetlab.data.idx import parse_idx, read_idx
-from resnetlab.errors import DataError
-from test_data_util import (  # noqa: F401  (fixtures)
+from data_helpers import (  # noqa: F401  (fixtures)
     gz,
     idx_bytes,
     isolated,
@@ -29,6 +25,10 @@ from test_data_util import (  # noqa: F401  (fixtures)
     write_cifar_tar,
     write_idx_dataset,
 )
+from resnetlab.cli import main
+from resnetlab.data import load_dataset
+from resnetlab.data.idx import parse_idx, read_idx
+from resnetlab.errors import DataError
 
 
 def _expect_data_error(capsys, isolated, name: str, root, culprit: str, match: str) -> None:

@@ -11,10 +11,7 @@ import threading
 
 import pytest
 
-from resnetlab.cli import main
-from resnetlab.data import load_dataset, sources
-from resnetlab.errors import DataError
-from test_data_util import (  # noqa: F401  (fixtures)
+from data_helpers import (  # noqa: F401  (fixtures)
     REAL_FASHION,
     isolated,
     make_cifar_files,
@@ -23,6 +20,9 @@ from test_data_util import (  # noqa: F401  (fixtures)
     write_cifar_tar,
     write_idx_dataset,
 )
+from resnetlab.cli import main
+from resnetlab.data import load_dataset, sources
+from resnetlab.errors import DataError
 
 
 @pytest.fixture

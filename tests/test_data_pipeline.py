@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_helpers import REAL_FASHION
 from resnetlab.data import (
     BatchLoader,
     Preprocess,
@@ -21,7 +22,6 @@ from resnetlab.data import (
 )
 from resnetlab.data.idx import read_idx
 from resnetlab.errors import UsageError
-from test_data_util import REAL_FASHION
 
 
 def toy_split(n=103, c=1, hw=(4, 4)) -> Split:

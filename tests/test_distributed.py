@@ -30,11 +30,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-import resnetlab.train.loop as loop
+import resnetlab.train.evaluate as evaluation
+import resnetlab.train.step as step_module
+from resnetlab.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from resnetlab.data import BatchLoader, Split, load_dataset
 from resnetlab.errors import UsageError
-from resnetlab.train import dist, load_checkpoint, train
-from resnetlab.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from resnetlab.train import elastic, load_checkpoint, syncbn, train
 
 PY = sys.executable
 TIMEOUT = 300  # seconds for any one launch; a healthy one takes well under a minute on 2 busy cores
@@ -50,12 +51,12 @@ ONE = dict(COMMON, batch_size=64, lr=0.1)
 DRIVER = """
 import json, os, sys
 import torch
-import resnetlab.train.loop as loop
+import resnetlab.train.evaluate as evaluation, resnetlab.train.step as step
 from resnetlab.train import train
 
 torch.set_default_dtype(torch.float64)  # the test's float64 mode (see the module docstring)
-to_float = loop.to_float
-loop.to_float = lambda x, dtype=torch.float64: to_float(x, dtype)
+for module in (step, evaluation):  # the uint8 -> float conversion of the inputs, in training and in the test pass
+    module.to_float = (lambda to_float: lambda x, dtype=torch.float64: to_float(x, dtype))(module.to_float)
 result = train("fast", progress=False, **json.loads(sys.argv[1]))
 rank = int(os.environ.get("RANK", "0"))
 with open(os.path.join(sys.argv[2], f"result-{rank}.json"), "w") as f:
@@ -68,14 +69,16 @@ with open(os.path.join(sys.argv[2], f"result-{rank}.json"), "w") as f:
 @contextlib.contextmanager
 def float64():
     """DRIVER's float64 mode, in this process."""
-    dtype, to_float = torch.get_default_dtype(), loop.to_float
+    dtype, to_float = torch.get_default_dtype(), step_module.to_float
     torch.set_default_dtype(torch.float64)
-    loop.to_float = lambda x, dtype=torch.float64: to_float(x, dtype)
+    for module in (step_module, evaluation):
+        module.to_float = lambda x, dtype=torch.float64: to_float(x, dtype)
     try:
         yield
     finally:
         torch.set_default_dtype(dtype)
-        loop.to_float = to_float
+        for module in (step_module, evaluation):
+            module.to_float = to_float
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -175,12 +178,12 @@ def driver(tmp_path_factory) -> Path:
 def single(folder, tmp_path_factory):
     """One process, batch 64, float64, in this process; with its per-step losses."""
     tmp = tmp_path_factory.mktemp("single")
-    os.environ[dist.STEP_LOSS_ENV] = str(tmp / "losses.jsonl")
+    os.environ[elastic.STEP_LOSS_ENV] = str(tmp / "losses.jsonl")
     try:
         with float64():
             result = train("fast", out=tmp / "run", dataset=folder, progress=False, **ONE)
     finally:
-        del os.environ[dist.STEP_LOSS_ENV]
+        del os.environ[elastic.STEP_LOSS_ENV]
     return result, step_log(tmp / "losses.jsonl")
 
 
@@ -193,7 +196,7 @@ def two_nodes(folder, driver, tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("two_nodes")
     port, job = free_port(), f"test-{uuid.uuid4().hex[:8]}"
-    env = child_env(**{dist.STEP_LOSS_ENV: str(tmp / "losses.jsonl")})
+    env = child_env(**{elastic.STEP_LOSS_ENV: str(tmp / "losses.jsonl")})
     procs, deadline = [], time.monotonic() + TIMEOUT
     for node in (0, 1):
         kwargs = dict(TWO, dataset=folder, out=str(tmp / f"out{node}"), checkpoint_every=1)
@@ -243,8 +246,8 @@ def test_cpu_sync_batchnorm_keeps_batchnorm_state_dict_and_is_plain_without_a_gr
     x = torch.randn(8, 1, 28, 28)
     expected = net(x)
     plain = {k: v.clone() for k, v in net.state_dict().items()}
-    synced = dist.convert_sync_batchnorm(net, torch.device("cpu"))
-    assert any(isinstance(m, dist.CpuSyncBatchNorm) for m in synced.modules())
+    synced = syncbn.convert_sync_batchnorm(net, torch.device("cpu"))
+    assert any(isinstance(m, syncbn.CpuSyncBatchNorm) for m in synced.modules())
     assert list(synced.state_dict()) == keys
     for k, v in synced.state_dict().items():  # the same tensors, re-homed
         assert torch.equal(v, plain[k])
@@ -301,10 +304,10 @@ def test_test_accuracy_covers_the_test_set_exactly_once(two_nodes):
 def test_sync_bn_checkpoint_loads_into_the_plain_model(two_nodes, folder):
     with float64():
         classifier = load_checkpoint(two_nodes["run_dir"])
-        assert not any(isinstance(m, dist.CpuSyncBatchNorm) for m in classifier.modules())
+        assert not any(isinstance(m, syncbn.CpuSyncBatchNorm) for m in classifier.modules())
         assert any(type(m) is nn.BatchNorm2d for m in classifier.modules())
         _, test = load_dataset(folder)
-        confusion = loop.evaluate(classifier, BatchLoader(test, 128), len(test.classes))
+        confusion = evaluation.evaluate(classifier, BatchLoader(test, 128), len(test.classes))
     # one process evaluating the checkpoint agrees with the two ranks' sharded evaluation
     assert confusion.tolist() == two_nodes["results"][0]["confusion"]
 
@@ -319,7 +322,7 @@ def test_killed_rank_restarts_resumes_and_ends_like_the_uninterrupted_run(two_no
     kwargs = dict(TWO, dataset=folder, out=str(out), checkpoint_every=1)
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
            str(driver), json.dumps(kwargs), str(tmp_path), "0"]  # fmt: skip
-    proc = start(cmd, log, child_env(**{dist.STEP_LOSS_ENV: str(tmp_path / "losses.jsonl")}))
+    proc = start(cmd, log, child_env(**{elastic.STEP_LOSS_ENV: str(tmp_path / "losses.jsonl")}))
     deadline, killed = time.monotonic() + TIMEOUT, None
     try:
         while killed is None and proc.poll() is None and time.monotonic() < deadline:
@@ -354,15 +357,15 @@ def test_killed_rank_restarts_resumes_and_ends_like_the_uninterrupted_run(two_no
 # the checkpoint at epoch 1, step 3: rank 1 then waits for it in the checkpoint's closing barrier.
 DIES_AFTER_STEP_3 = """
 import os, signal, sys
-import resnetlab.train.loop as loop
+import resnetlab.train.state as state
 from resnetlab.cli import main
 
-save = loop.save_checkpoint
+save = state.save_checkpoint
 def save_then_die(path, tensors, meta):
     save(path, tensors, meta)
     if meta["position"] == {"epoch": 0, "step": 3}:
         os.kill(os.getpid(), signal.SIGKILL)
-loop.save_checkpoint = save_then_die
+state.save_checkpoint = save_then_die
 sys.exit(main())
 """
 
@@ -436,18 +439,18 @@ def test_restarted_worker_resumes_only_its_own_job(tmp_path, monkeypatch):
     run_dir.mkdir()
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a node restarted for another node's failure
-    assert dist.restarted_run(run_dir) is None  # no config.json: a new run, the usual rules
+    assert elastic.restarted_run(run_dir) is None  # no config.json: a new run, the usual rules
     (run_dir / "config.json").write_text(json.dumps({"torchelastic_run_id": "job-a"}))
-    assert dist.restarted_run(run_dir) == "restart"  # this job's directory, but it died before its first checkpoint
+    assert elastic.restarted_run(run_dir) == "restart"  # this job's directory, but it died before its first checkpoint
     (run_dir / CHECKPOINT_NAME).write_bytes(b"")
-    assert dist.restarted_run(run_dir) == "resume"
+    assert elastic.restarted_run(run_dir) == "resume"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
-    assert dist.restarted_run(run_dir) is None  # another job's directory is never taken over
+    assert elastic.restarted_run(run_dir) is None  # another job's directory is never taken over
     (run_dir / "config.json").write_text(json.dumps({"torchelastic_run_id": "none"}))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id, shared by all jobs
-    assert dist.restarted_run(run_dir) is None
+    assert elastic.restarted_run(run_dir) is None
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert dist.restarted_run(run_dir) == "resume"
+    assert elastic.restarted_run(run_dir) == "resume"
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # not under torchrun
-    assert dist.restarted_run(run_dir) is None
-    assert dist.restarted_run(None) is None
+    assert elastic.restarted_run(run_dir) is None
+    assert elastic.restarted_run(None) is None

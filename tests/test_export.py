@@ -480,7 +480,7 @@ def test_torchrun_workers_report_what_every_rank_says_once(monkeypatch: pytest.M
     import torch.distributed
 
     from resnetlab import cli
-    from resnetlab.train.loop import TrainingInterrupted
+    from resnetlab.train import TrainingInterrupted
 
     def interrupted(args):  # noqa: ANN001, ANN202
         raise TrainingInterrupted("interrupted at epoch 1, step 3; checkpoint saved", signals.SIGINT)

@@ -53,14 +53,16 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "avx512_core", "AVX-512"),
     ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512_CORE_BF16", "AVX-512 BF16"),
     ({"avx2"}, "AVX512_CORE_AMX", "AVX2"),  # a cap never raises the class
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "DNNL_MAX_CPU_ISA=AVX2", "AVX2"),  # oneDNN's older name
 ])  # fmt: skip
 def test_cpu_class_and_auto(flags: set[str], isa: str | None, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(device_mod.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(device_mod, "cpu_flags", lambda: flags)
-    if isa is None:
-        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    else:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if isa is not None:
+        name, _, value = isa.rpartition("=")
+        monkeypatch.setenv(name or "ONEDNN_MAX_CPU_ISA", value)
     cpu = torch.device("cpu")
     assert device_mod.cpu_class() == expected
     native = expected in ("AMX", "AVX-512 BF16")

@@ -1,6 +1,7 @@
 """Helpers shared by the data tests: synthetic IDX / CIFAR / image-folder datasets, isolation.
 
-(Named test_data_*.py to live beside the data tests; it defines fixtures, no tests.)
+Plain functions and two fixtures (``isolated``, ``no_system``), which the data tests import explicitly.
+(Named without test_ so that pytest does not collect it: it holds no tests.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,42 @@
+"""Using a trained model (inference.py): load_checkpoint and `resnetlab predict`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from resnetlab.cli import main
+from resnetlab.train import load_checkpoint
+
+
+def test_load_checkpoint_api(tiny_run) -> None:
+    from resnetlab.data import load_dataset
+
+    model = load_checkpoint(tiny_run.run_dir)
+    assert not model.training and model.classes[9] == "Ankle boot"
+    _, test = load_dataset("fashion-mnist")
+    x = test.images[:200].float() / 255
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == test.labels[:200]).float().mean().item()
+    assert acc > 0.5
+
+
+def test_predict_png_jpeg_and_bad_file(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from resnetlab.data import load_dataset
+
+    _, test = load_dataset("fashion-mnist")
+    png, jpg, bad = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.png"
+    Image.fromarray(test.images[0, 0].numpy()).save(png)
+    Image.fromarray(test.images[1, 0].numpy()).convert("RGB").resize((56, 56)).save(jpg)
+    bad.write_text("not an image")
+    code = main(["predict", str(tiny_run.run_dir), str(png), str(bad), str(jpg), "--json", "--topk", "2"])
+    captured = capsys.readouterr()
+    assert code == 2 and "c.png" in captured.err and "not a readable image" in captured.err
+    results = json.loads(captured.out)
+    assert [r["image"] for r in results] == [str(png), str(bad), str(jpg)]
+    assert len(results[0]["top"]) == 2 and "error" in results[1]
+    assert abs(sum(t["probability"] for t in results[2]["top"])) <= 1.0 + 1e-6

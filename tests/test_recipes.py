@@ -1,0 +1,40 @@
+"""Recipes (train/recipes.py): the d2l table, recipes of old checkpoints, a flag for every field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from resnetlab.train import RECIPES
+
+
+def test_d2l_recipe_matches_the_chapter() -> None:
+    r = RECIPES["d2l"]
+    chapter = dict(model="d2l_resnet18", dataset="fashion-mnist", epochs=10, batch_size=256, lr=0.05, resize=96,
+                   optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant", label_smoothing=0.0,
+                   augment="none", normalize=False, init="xavier", precision="fp32", tta=False, subset=0)  # fmt: skip
+    assert {k: getattr(r, k) for k in chapter} == chapter
+
+
+def test_checkpoints_from_before_the_flag_rules_resume_as_they_trained() -> None:
+    from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, recipe_as_trained
+
+    old = dataclasses.asdict(dataclasses.replace(RECIPES["fast"], momentum=0.0, schedule="constant", warmup=0.3))
+    as_trained = recipe_as_trained(old, {})  # both were ignored then: plain SGD, no warm-up
+    assert (as_trained.nesterov, as_trained.warmup) == (False, 0.0)
+    assert recipe_as_trained(old, {WARMUP_EVERY_SCHEDULE: True}).warmup == 0.3  # a new run's warm-up is its own
+    onecycle = {**old, "schedule": "onecycle"}
+    assert recipe_as_trained(onecycle, {}).warmup == 0.3  # onecycle always warmed up
+
+
+def test_every_recipe_field_has_a_train_flag() -> None:
+    from resnetlab.cli import build_parser
+    from resnetlab.train.commands import RECIPE_FLAGS
+    from resnetlab.train.recipes import Recipe
+
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    assert set(RECIPE_FLAGS) == fields
+    assert fields <= set(vars(build_parser().parse_args(["train"])))  # the parser has a flag for each
+    args = build_parser().parse_args(["train", "--no-nesterov", "--warmup", "0.1", "--crop-padding", "3", "--normalize",
+                                      "--init", "xavier", "--zero-init-residual", "--eval-batch-size", "7"])  # fmt: skip
+    assert (args.nesterov, args.warmup, args.crop_padding, args.normalize, args.init, args.zero_init_residual,
+            args.eval_batch_size) == (False, 0.1, 3, True, "xavier", True, 7)  # fmt: skip
