@@ -62,7 +62,9 @@ def cifar_batch(n: int, seed: int, num_classes: int = 10) -> tuple[bytes, np.nda
     return records.tobytes(), images, labels
 
 
-def make_cifar_files(per_batch: int = 6, meta: bytes | None = b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n"):
+def make_cifar_files(
+    per_batch: int = 6, meta: bytes | None = b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n"
+):
     """{member name: bytes} for the six batches (and meta), plus the expected arrays."""
     files, tr_i, tr_l = {}, [], []
     for i in range(1, 6):

@@ -18,9 +18,25 @@ from resnetlab.cli import main
 
 # eval_every=1: fast tests after its last epoch only, and these tests compare every epoch's test accuracy.
 # fp32 forced: no test assumes what `auto` picks here; tests/test_precision.py covers bf16 too.
-TINY = dict(model="resnet10", width=8, subset=512, batch_size=64, epochs=2, eval_every=1, precision="fp32", progress=False)
-TINY_FLAGS = ["--model", "resnet10", "--width", "8", "--subset", "512", "--batch-size", "64", "--epochs", "2", "--eval-every", "1",
-              "--precision", "fp32"]  # fmt: skip
+TINY = dict(
+    model="resnet10", width=8, subset=512, batch_size=64, epochs=2, eval_every=1, precision="fp32", progress=False
+)
+TINY_FLAGS = [
+    "--model",
+    "resnet10",
+    "--width",
+    "8",
+    "--subset",
+    "512",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "2",
+    "--eval-every",
+    "1",
+    "--precision",
+    "fp32",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

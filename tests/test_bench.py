@@ -128,8 +128,9 @@ def test_train_step_is_train_ch6s_body() -> None:
     opt.zero_grad = lambda *a, **k: (calls.append("zero_grad"), orig_zero(*a, **k))[1]  # type: ignore[method-assign]
     opt.step = lambda *a, **k: (calls.append("step"), orig_step(*a, **k))[1]  # type: ignore[method-assign]
     before = net.lin.weight.detach().clone()
-    loss_sum, correct, n = ref.train_step(net, opt, nn.CrossEntropyLoss(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]),
-                                          torch.device("cpu"))  # fmt: skip
+    loss_sum, correct, n = ref.train_step(
+        net, opt, nn.CrossEntropyLoss(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), torch.device("cpu")
+    )
     assert calls == ["zero_grad", "forward", "step"] and n == 5 and 0 <= correct <= 5 and loss_sum > 0
     assert not torch.equal(before, net.lin.weight)
 
@@ -137,15 +138,13 @@ def test_train_step_is_train_ch6s_body() -> None:
 def test_d2l_recipe_trains_bit_identically_to_train_ch6_on_the_same_batches(tiny_folder: str, tmp_path: Path) -> None:
     """The accuracy check's premise: resnetlab's d2l training differs from the chapter's loop only in
     its batch order and pixels. Fed resnetlab's own batches, train_ch6 ends at the very same weights."""
+    from resnetlab.checkpoint import prefixed, read_checkpoint
     from resnetlab.data import BatchLoader, Preprocess
     from resnetlab.train import train
-    from resnetlab.checkpoint import prefixed, read_checkpoint
     from resnetlab.train.loop import train_inputs
     from resnetlab.train.recipes import get_recipe
 
-    train(
-        "d2l", out=tmp_path / "run", dataset=tiny_folder, epochs=2, batch_size=16, resize=64, progress=False
-    )
+    train("d2l", out=tmp_path / "run", dataset=tiny_folder, epochs=2, batch_size=16, resize=64, progress=False)
     tensors, _ = read_checkpoint(tmp_path / "run")
     ours = prefixed(tensors, "model.")
 
@@ -187,8 +186,24 @@ def test_control_batches_are_resnetlabs_order_with_pil_pixels(tiny_folder: str) 
 
 
 def test_bench_reference_trains_the_chapters_way(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
-    r = last_json(capsys, ["bench", "reference", "--epochs", "1", "--resize", "32", "--workers", "0", "--batch-size", "16",
-                           "--dataset", tiny_folder, "--json"])  # fmt: skip
+    r = last_json(
+        capsys,
+        [
+            "bench",
+            "reference",
+            "--epochs",
+            "1",
+            "--resize",
+            "32",
+            "--workers",
+            "0",
+            "--batch-size",
+            "16",
+            "--dataset",
+            tiny_folder,
+            "--json",
+        ],
+    )
     assert 0 <= r["test_acc"] <= 1 and len(r["history"]) == 1 and r["compute_images_per_s"] > 0
 
 
@@ -203,11 +218,47 @@ PEAKS = ["--peak-size", "128", "--bf16-peak-size", "64"]
 
 
 def test_bench_train_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
-    r = last_json(capsys, ["bench", "train", "--dataset", tiny_folder, "--resize", "32", "--steps", "1", "--warmup", "1",
-                           "--batch-size", "8", "--workers", "0", "--levers", "channels_last", "--lever-batch-size", "4",
-                           "--lever-steps", "1", *PEAKS, "--json"])  # fmt: skip
-    for key in ("reference_images_per_s", "resnetlab_images_per_s", "ratio", "gflops_per_s", "fp32_peak_gflops",
-                "bf16_peak_gflops", "fraction_of_fp32_peak", "fraction_of_bf16_peak", "device", "cpu", "steps", "levers"):  # fmt: skip
+    r = last_json(
+        capsys,
+        [
+            "bench",
+            "train",
+            "--dataset",
+            tiny_folder,
+            "--resize",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--levers",
+            "channels_last",
+            "--lever-batch-size",
+            "4",
+            "--lever-steps",
+            "1",
+            *PEAKS,
+            "--json",
+        ],
+    )
+    for key in (
+        "reference_images_per_s",
+        "resnetlab_images_per_s",
+        "ratio",
+        "gflops_per_s",
+        "fp32_peak_gflops",
+        "bf16_peak_gflops",
+        "fraction_of_fp32_peak",
+        "fraction_of_bf16_peak",
+        "device",
+        "cpu",
+        "steps",
+        "levers",
+    ):
         assert key in r, key
     assert r["reference_images_per_s"] > 0 and r["resnetlab_images_per_s"] > 0 and r["fp32_peak_gflops"] > 0
     assert r["ratio"] == pytest.approx(r["resnetlab_images_per_s"] / r["reference_images_per_s"], rel=0.02)
@@ -252,34 +303,45 @@ def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -
     assert "unknown lever" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--peak-size", "0"], "--peak-size must be >= 1, not 0"),  # was a ZeroDivisionError
-    (["infer", "--peak-size", "-5"], "--peak-size must be >= 1, not -5"),  # was a negative-dimension RuntimeError
-    (["infer", "--bf16-peak-size", "0"], "--bf16-peak-size must be >= 1, not 0"),
-    (["infer", "--resize", "-5"], "--resize must be >= 0, not -5"),
-    (["train", "--resize", "-1"], "--resize must be >= 0, not -1"),
-    (["train", "--lever-batch-size", "0", "--levers", "all"], "--lever-batch-size must be >= 1, not 0"),
-    (["train", "--lever-steps", "0", "--levers", "all"], "--lever-steps must be >= 1, not 0"),
-    (["train", "--steps", "0"], "--steps must be >= 1, not 0"),
-    (["train", "--workers", "-1"], "--workers must be >= 0, not -1"),
-    (["train", "--seed", str(10**20)], "--seed must be in torch's range [-2**63, 2**64 - 1], not 100000000000000000000"),
-    (["infer", "--threads", str(10**20)], f"--threads {10**20} is more than 4 per CPU ({os.cpu_count()} here); use at most {4 * os.cpu_count()}"),
-    (["train", "--workers", "100000"],  # started 100,000 DataLoader processes of ~350 MB each
-     f"--workers 100000 would start 100000 processes on {os.cpu_count()} CPUs; use at most {4 * os.cpu_count()} (the chapter uses 4)"),
-    (["infer", "--small-reps", "0"], "--small-reps must be >= 1, not 0"),
-    (["infer", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
-    (["time-to-accuracy", "--seeds", "0"], "--seeds must be >= 1, not 0"),
-    (["train", "--threads", "0"], "--threads must be >= 1, not 0"),
-    (["pipeline", "--batches", "0"], "--batches must be >= 1, not 0"),
-    (["pipeline", "--size", "0"], "--size must be >= 1, not 0"),
-    (["eval-batch", "RUN", "--rounds", "0"], "--rounds must be >= 1, not 0"),
-    (["eval-batch", "RUN", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
-    (["conv-backward", "--reps", "0"], "--reps must be >= 1, not 0"),
-    (["conv-backward", "--recipe", "zzz"], "unknown recipe 'zzz'; choose one of d2l, fast, best"),
-    (["accuracy-holds", "--epochs", "0"], "--epochs must be >= 1, not 0"),
-    (["reference", "--subset", "-1"], "--subset must be >= 0, not -1"),
-    (["strided-projection", "--cases", "fast,huge"], "--cases takes a comma list of fast, d2l, not 'fast,huge'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--peak-size", "0"], "--peak-size must be >= 1, not 0"),  # was a ZeroDivisionError
+        (["infer", "--peak-size", "-5"], "--peak-size must be >= 1, not -5"),  # was a negative-dimension RuntimeError
+        (["infer", "--bf16-peak-size", "0"], "--bf16-peak-size must be >= 1, not 0"),
+        (["infer", "--resize", "-5"], "--resize must be >= 0, not -5"),
+        (["train", "--resize", "-1"], "--resize must be >= 0, not -1"),
+        (["train", "--lever-batch-size", "0", "--levers", "all"], "--lever-batch-size must be >= 1, not 0"),
+        (["train", "--lever-steps", "0", "--levers", "all"], "--lever-steps must be >= 1, not 0"),
+        (["train", "--steps", "0"], "--steps must be >= 1, not 0"),
+        (["train", "--workers", "-1"], "--workers must be >= 0, not -1"),
+        (
+            ["train", "--seed", str(10**20)],
+            "--seed must be in torch's range [-2**63, 2**64 - 1], not 100000000000000000000",
+        ),
+        (
+            ["infer", "--threads", str(10**20)],
+            f"--threads {10**20} is more than 4 per CPU ({os.cpu_count()} here); use at most {4 * os.cpu_count()}",
+        ),
+        (
+            ["train", "--workers", "100000"],  # started 100,000 DataLoader processes of ~350 MB each
+            f"--workers 100000 would start 100000 processes on {os.cpu_count()} CPUs; use at most {4 * os.cpu_count()} (the chapter uses 4)",
+        ),
+        (["infer", "--small-reps", "0"], "--small-reps must be >= 1, not 0"),
+        (["infer", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
+        (["time-to-accuracy", "--seeds", "0"], "--seeds must be >= 1, not 0"),
+        (["train", "--threads", "0"], "--threads must be >= 1, not 0"),
+        (["pipeline", "--batches", "0"], "--batches must be >= 1, not 0"),
+        (["pipeline", "--size", "0"], "--size must be >= 1, not 0"),
+        (["eval-batch", "RUN", "--rounds", "0"], "--rounds must be >= 1, not 0"),
+        (["eval-batch", "RUN", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
+        (["conv-backward", "--reps", "0"], "--reps must be >= 1, not 0"),
+        (["conv-backward", "--recipe", "zzz"], "unknown recipe 'zzz'; choose one of d2l, fast, best"),
+        (["accuracy-holds", "--epochs", "0"], "--epochs must be >= 1, not 0"),
+        (["reference", "--subset", "-1"], "--subset must be >= 0, not -1"),
+        (["strided-projection", "--cases", "fast,huge"], "--cases takes a comma list of fast, d2l, not 'fast,huge'"),
+    ],
+)
 def test_bench_size_flags_are_checked_first(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     t0 = time.perf_counter()
     assert main(["bench", *argv]) == 2
@@ -288,8 +350,25 @@ def test_bench_size_flags_are_checked_first(capsys: pytest.CaptureFixture[str], 
 
 
 def test_bench_infer_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
-    r = last_json(capsys, ["bench", "infer", "--dataset", tiny_folder, "--resize", "32", "--batch-sizes", "1,4",
-                           "--reps", "1", "--small-reps", "2", *PEAKS, "--json"])  # fmt: skip
+    r = last_json(
+        capsys,
+        [
+            "bench",
+            "infer",
+            "--dataset",
+            tiny_folder,
+            "--resize",
+            "32",
+            "--batch-sizes",
+            "1,4",
+            "--reps",
+            "1",
+            "--small-reps",
+            "2",
+            *PEAKS,
+            "--json",
+        ],
+    )
     for bs in ("1", "4"):
         b = r[f"batch{bs}"]
         assert b["resnetlab_images_per_s"] > 0 and b["reference_images_per_s"] > 0 and b["resnetlab_latency_ms"] > 0
@@ -301,9 +380,22 @@ def test_bench_infer_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) 
 
 def test_bench_time_to_accuracy_json(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
     # --augment none: mirroring swaps this folder's left/right classes, so flips make it unlearnable
-    r = last_json(capsys, ["bench", "time-to-accuracy", "--recipe", "fast", "--target", "0.01", "--seeds", "1",
-                           "--train-args", f"--dataset {tiny_folder} --epochs 2 --width 8 --batch-size 16 --no-tta --augment none",
-                           "--json"])  # fmt: skip
+    r = last_json(
+        capsys,
+        [
+            "bench",
+            "time-to-accuracy",
+            "--recipe",
+            "fast",
+            "--target",
+            "0.01",
+            "--seeds",
+            "1",
+            "--train-args",
+            f"--dataset {tiny_folder} --epochs 2 --width 8 --batch-size 16 --no-tta --augment none",
+            "--json",
+        ],
+    )
     # fast tests after its last epoch only (eval_every=0): epoch 1 is not measured, so the crossing is epoch 2
     assert r["seeds"] == [0] and r["reached"] == [True] and r["epochs"] == [2]
     assert 0 < r["seconds"][0] <= r["total_seconds"][0] and r["median_seconds"] == r["seconds"][0]
@@ -311,7 +403,9 @@ def test_bench_time_to_accuracy_json(capsys: pytest.CaptureFixture[str], tiny_fo
     assert history[0]["test_acc"] is None and history[1]["test_acc"] == r["accuracies"][0]
     # training time to the crossing: the run's own seconds over both epochs, less than the wall-clock to it
     assert 0 < r["train_seconds"][0] == history[1]["train_seconds"] < r["seconds"][0]
-    assert r["median_train_seconds"] == r["train_seconds"][0] and history[1]["train_seconds"] > history[0]["train_seconds"]
+    assert (
+        r["median_train_seconds"] == r["train_seconds"][0] and history[1]["train_seconds"] > history[0]["train_seconds"]
+    )
     assert r["accuracies"][0] >= 0.01 and len(r["runs"][0]["history"]) == 2
     assert {"seconds", "median_seconds", "epochs", "accuracies", "total_seconds"} <= set(r)
 
@@ -319,7 +413,9 @@ def test_bench_time_to_accuracy_json(capsys: pytest.CaptureFixture[str], tiny_fo
 def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str]) -> None:
     m = EPOCH_LINE.match("epoch 3/5: loss 0.412, train acc 0.861, test acc 0.925, 812.3 examples/sec, 70.2 s")
     assert m and m.groups() == ("3", "5", "0.925")
-    m = EPOCH_LINE.match("epoch 1/3: loss 0.905, train acc 0.827, test acc not measured (--eval-every), 1590.6 examples/sec, 37.7 s")
+    m = EPOCH_LINE.match(
+        "epoch 1/3: loss 0.905, train acc 0.827, test acc not measured (--eval-every), 1590.6 examples/sec, 37.7 s"
+    )
     assert m and m.groups() == ("1", "3", None)
     assert median_or_none([3.0, None, 1.0]) == 3.0 and median_or_none([None, None, 1.0]) is None
     assert main(["bench", "time-to-accuracy", "--train-args", "--seed 3"]) == 2
@@ -329,30 +425,81 @@ def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str])
 
 
 def test_bench_accuracy_holds_runs_tiny(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
-    r = last_json(capsys, ["bench", "accuracy-holds", "--epochs", "1", "--resize", "32", "--workers", "0", "--dataset", tiny_folder,
-                           "--tolerance", "100", "--control", "--json"])  # fmt: skip
-    assert r["ok"] and r["cpu_class"] == cpu_class() and 0 <= r["reference_test_acc"] <= 1 and 0 <= r["resnetlab_test_acc"] <= 1
-    assert r["epochs"] == 1 and len(r["reference_history"]) == len(r["resnetlab_history"]) == len(r["control_history"]) == 1
+    r = last_json(
+        capsys,
+        [
+            "bench",
+            "accuracy-holds",
+            "--epochs",
+            "1",
+            "--resize",
+            "32",
+            "--workers",
+            "0",
+            "--dataset",
+            tiny_folder,
+            "--tolerance",
+            "100",
+            "--control",
+            "--json",
+        ],
+    )
+    assert (
+        r["ok"]
+        and r["cpu_class"] == cpu_class()
+        and 0 <= r["reference_test_acc"] <= 1
+        and 0 <= r["resnetlab_test_acc"] <= 1
+    )
+    assert (
+        r["epochs"] == 1
+        and len(r["reference_history"]) == len(r["resnetlab_history"]) == len(r["control_history"]) == 1
+    )
     gap = r["gap_from_order_points"] + r["gap_from_pixels_points"]
     assert gap == pytest.approx(r["gap_points"], abs=2e-3)
 
 
-@pytest.mark.parametrize("argv", [["infer", "--resize", "300000", "--batch-sizes", "1"], ["train", "--resize", "30000"]])
-def test_bench_resize_larger_than_memory_is_refused_before_pil_fills_it(argv: list[str], tiny_folder: str,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "argv", [["infer", "--resize", "300000", "--batch-sizes", "1"], ["train", "--resize", "30000"]]
+)
+def test_bench_resize_larger_than_memory_is_refused_before_pil_fills_it(
+    argv: list[str], tiny_folder: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     # PIL allocates a resized image in blocks: --resize 300000 filled the machine's memory
     t0 = time.perf_counter()
     assert main(["bench", *argv, "--dataset", tiny_folder, *PEAKS]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--resize {argv[2]} makes a batch of " in err and "choose a smaller --resize" in err
+    assert (
+        err.count("\n") == 1 and f"--resize {argv[2]} makes a batch of " in err and "choose a smaller --resize" in err
+    )
     assert time.perf_counter() - t0 < 10  # before any matmul peak or model
 
 
-
-def test_bench_train_refuses_a_batch_batchnorm_cannot_train_on(tiny_folder: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_train_refuses_a_batch_batchnorm_cannot_train_on(
+    tiny_folder: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     # batch 1 at a 1x1 map: "Expected more than 1 value per channel when training" traceback at the first step
-    assert main(["bench", "train", "--dataset", tiny_folder, "--model", "resnet10", "--resize", "28", "--batch-size", "1",
-                 "--steps", "1", "--workers", "0", *PEAKS]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--dataset",
+                tiny_folder,
+                "--model",
+                "resnet10",
+                "--resize",
+                "28",
+                "--batch-size",
+                "1",
+                "--steps",
+                "1",
+                "--workers",
+                "0",
+                *PEAKS,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "batch size 1 gives resnet10's BatchNorm a single value per channel" in err
 
@@ -361,22 +508,48 @@ def test_bench_train_refuses_a_batch_batchnorm_cannot_train_on(tiny_folder: str,
 # Every command at its smallest: exit 0, its figures, the CPU class it detected
 
 
-@pytest.mark.parametrize("argv, figures", [
-    (["train", "--resize", "32", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0", *PEAKS],
-     ["matmul peaks: fp32 ", "reference (chapter loop): ", "resnetlab:                ", "speed-up: x"]),
-    (["infer", "--resize", "32", "--batch-sizes", "2", "--small-reps", "1", *PEAKS],
-     ["batch 2:", "  reference ", "  channels_last_bn_folded ", "  resnetlab (", ") vs reference: x"]),
-])  # fmt: skip
-def test_bench_train_and_infer_say_the_cpu_class(capsys: pytest.CaptureFixture[str], tiny_folder: str, argv: list[str],
-                                                 figures: list[str]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, figures",
+    [
+        (
+            ["train", "--resize", "32", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0", *PEAKS],
+            ["matmul peaks: fp32 ", "reference (chapter loop): ", "resnetlab:                ", "speed-up: x"],
+        ),
+        (
+            ["infer", "--resize", "32", "--batch-sizes", "2", "--small-reps", "1", *PEAKS],
+            ["batch 2:", "  reference ", "  channels_last_bn_folded ", "  resnetlab (", ") vs reference: x"],
+        ),
+    ],
+)
+def test_bench_train_and_infer_say_the_cpu_class(
+    capsys: pytest.CaptureFixture[str], tiny_folder: str, argv: list[str], figures: list[str]
+) -> None:
     text = "\n".join(output(capsys, ["bench", *argv, "--dataset", tiny_folder]))
     for figure in figures:
         assert figure in text, figure
 
 
 def test_bench_pipeline(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
-    lines = output(capsys, ["bench", "pipeline", "--dataset", tiny_folder, "--size", "32", "--batch-size", "8", "--batches", "2",
-                            "--workers", "0", "--device", "cpu", "--json"])  # fmt: skip
+    lines = output(
+        capsys,
+        [
+            "bench",
+            "pipeline",
+            "--dataset",
+            tiny_folder,
+            "--size",
+            "32",
+            "--batch-size",
+            "8",
+            "--batches",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert lines[1].startswith("resnetlab BatchLoader+to_float+resize(32): ") and lines[1].endswith(" images/s")
     assert lines[2].startswith("chapter DataLoader (PIL resize, 0 workers): ") and lines[3].startswith("speed-up: ")
     r = json.loads(lines[-1])
@@ -394,8 +567,23 @@ def test_pipeline_reference_side_is_the_chapters_pil_resize(tiny_folder: str) ->
 
 
 def test_bench_accuracy_holds_prints_its_figures(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
-    lines = output(capsys, ["bench", "accuracy-holds", "--epochs", "1", "--resize", "32", "--workers", "0",
-                            "--dataset", tiny_folder, "--tolerance", "100"])  # fmt: skip
+    lines = output(
+        capsys,
+        [
+            "bench",
+            "accuracy-holds",
+            "--epochs",
+            "1",
+            "--resize",
+            "32",
+            "--workers",
+            "0",
+            "--dataset",
+            tiny_folder,
+            "--tolerance",
+            "100",
+        ],
+    )
     assert lines[1] == "reference (chapter loop), 1 epoch(s), seed 0:"
     assert lines[-1].startswith("test accuracy: reference ") and "(within 100.0 points)" in lines[-1]
 
@@ -405,7 +593,9 @@ def test_bench_conv_backward(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[1].startswith("fast: resnet10, batch 2, 24 px, 1 threads; ms per call (median of 1)")
     assert lines[2].split() == ["convolution", "forward", "grad", "in", "grad", "W", "W/fwd", "im2col", "W"]
     assert lines[3].startswith("1->16 3x3/1 @24px") and len(lines[3].split()) == 8
-    assert re.match(r"all \d+ convolutions ", lines[-1]) and lines[-1].endswith("(last: the faster weight gradient per layer)")
+    assert re.match(r"all \d+ convolutions ", lines[-1]) and lines[-1].endswith(
+        "(last: the faster weight gradient per layer)"
+    )
 
 
 def test_bench_fast_step(capsys: pytest.CaptureFixture[str], tiny_folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,7 +611,9 @@ def test_bench_eval_batch(capsys: pytest.CaptureFixture[str], tiny_folder: str, 
 
     train("fast", out=tmp_path / "run", dataset=tiny_folder, epochs=1, width=8, batch_size=16, progress=False)
     capsys.readouterr()
-    lines = output(capsys, ["bench", "eval-batch", str(tmp_path / "run"), "--batch-sizes", "4,16", "--rounds", "1", "--json"])
+    lines = output(
+        capsys, ["bench", "eval-batch", str(tmp_path / "run"), "--batch-sizes", "4,16", "--rounds", "1", "--json"]
+    )
     assert lines[1].startswith("batch     4: ") and "s per evaluation (median of 1), " in lines[1]
     assert lines[2].startswith("batch    16: ") and "test images/s, x" in lines[2]
     r = json.loads(lines[-1])
@@ -429,7 +621,10 @@ def test_bench_eval_batch(capsys: pytest.CaptureFixture[str], tiny_folder: str, 
 
 
 def test_bench_strided_projection(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "strided-projection", "--cases", "fast", "--rounds", "1", "--steps", "1", "--precision", "fp32"]) == 0
+    assert (
+        main(["bench", "strided-projection", "--cases", "fast", "--rounds", "1", "--steps", "1", "--precision", "fp32"])
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     r = json.loads(lines[0])

@@ -34,8 +34,13 @@ def _run(script: str, args: list[str], isa: str | None, timeout: float = 600) ->
     if isa:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], env=env, capture_output=True, text=True,
-                              timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:  # the AVX2 kernel has also been seen spinning forever on this defect
         pytest.fail(f"the subprocess hung for {timeout} s (ONEDNN_MAX_CPU_ISA={isa})")
 
@@ -104,7 +109,9 @@ class _StridedPointwiseConvs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
-            forward = func is torch.ops.aten.convolution.default  # (input, weight, bias, stride...) / (grad, input, weight, ..., stride...)
+            forward = (
+                func is torch.ops.aten.convolution.default
+            )  # (input, weight, bias, stride...) / (grad, input, weight, ..., stride...)
             weight, stride = (args[1], args[3]) if forward else (args[2], args[4])
             if tuple(weight.shape[-2:]) == (1, 1) and any(s > 1 for s in stride):
                 self.seen.append(f"{func} weight {tuple(weight.shape)} stride {tuple(stride)}")

@@ -55,9 +55,10 @@ def test_a_checkpoint_whose_header_length_starts_like_a_pickle_is_read(tiny_run,
         ({"dataset": None}, "dataset is None, not a name"),
         ({"dataset": ...}, "incomplete resnetlab metadata (no dataset)"),
     ],
-)  # fmt: skip
-def test_hand_edited_checkpoint_metadata_is_one_line(edit: dict, reason: str, tiny_run, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+)
+def test_hand_edited_checkpoint_metadata_is_one_line(
+    edit: dict, reason: str, tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from resnetlab.checkpoint import save_checkpoint
 
     tensors, meta = read_checkpoint(tiny_run.run_dir)

@@ -25,13 +25,23 @@ import pytest
 import torch
 from PIL import Image
 
+from resnetlab.checkpoint import CHECKPOINT_NAME
 from resnetlab.cli import main
 from resnetlab.errors import DataError
 from resnetlab.train import loop as loop_module
-from resnetlab.checkpoint import CHECKPOINT_NAME
 
-TINY = dict(model="resnet10", width=8, stem="small", resize=0, batch_size=8, epochs=2, eval_every=1, precision="fp32",
-            device="cpu", progress=False)  # fmt: skip
+TINY = dict(
+    model="resnet10",
+    width=8,
+    stem="small",
+    resize=0,
+    batch_size=8,
+    epochs=2,
+    eval_every=1,
+    precision="fp32",
+    device="cpu",
+    progress=False,
+)
 STOP_AT = 9  # the 9th step of 12 (6 per epoch): epoch 2, step 3, with epoch 1 in the history
 
 
@@ -136,77 +146,183 @@ COUNTED = {"loss": 1.0, "correct": 1, "count": 2, "seconds": 1.0, "compute_secon
 # (run, edit, what the error says, the commands that must refuse it)
 CASES = {
     # weights: every command reads them; another dtype was cast silently (eval at chance, export "verified")
-    "int8 weight": ("sgd", set_tensor("model.conv1.weight", lambda t: t.to(torch.int8)),
-                    "conv1.weight is int8 in the file, float32 in the model", ALL),
-    "fp16 weight": ("sgd", set_tensor("model.fc.weight", lambda t: t.half()), "fc.weight is float16 in the file, float32", ALL),
-    "float batch count": ("sgd", set_tensor("model.bn1.num_batches_tracked", lambda t: t.float()),
-                          "bn1.num_batches_tracked is float32 in the file, int64 in the model", ALL),
+    "int8 weight": (
+        "sgd",
+        set_tensor("model.conv1.weight", lambda t: t.to(torch.int8)),
+        "conv1.weight is int8 in the file, float32 in the model",
+        ALL,
+    ),
+    "fp16 weight": (
+        "sgd",
+        set_tensor("model.fc.weight", lambda t: t.half()),
+        "fc.weight is float16 in the file, float32",
+        ALL,
+    ),
+    "float batch count": (
+        "sgd",
+        set_tensor("model.bn1.num_batches_tracked", lambda t: t.float()),
+        "bn1.num_batches_tracked is float32 in the file, int64 in the model",
+        ALL,
+    ),
     # the recipe, through Recipe's own checks: a TypeError traceback before
     "recipe lr": ("sgd", set_meta("recipe", "lr", value="fast"), "recipe: lr must be a number, not 'fast'", RESUME),
-    "recipe nesterov": ("sgd", set_meta("recipe", "nesterov", value="yes"), "recipe: nesterov must be true or false", RESUME),
+    "recipe nesterov": (
+        "sgd",
+        set_meta("recipe", "nesterov", value="yes"),
+        "recipe: nesterov must be true or false",
+        RESUME,
+    ),
     "recipe epochs": ("sgd", set_meta("recipe", "epochs", value=0), "recipe: epochs must be >= 1, not 0", RESUME),
     # generator states: a RuntimeError traceback before
-    "rng.cpu 3 bytes": ("sgd", set_tensor("rng.cpu", lambda t: t[:3]), "rng.cpu is (3,) in the file, (5056,) expected", RESUME),
-    "rng.cpu int64": ("sgd", set_tensor("rng.cpu", lambda t: t.long()), "rng.cpu is int64 in the file, uint8 expected", RESUME),
-    "rng.cuda 3 bytes": ("sgd", set_tensor("rng.cuda", lambda t: torch.zeros(3, dtype=torch.uint8)),
-                         "rng.cuda is (3,) in the file, (16,) expected", RESUME),
+    "rng.cpu 3 bytes": (
+        "sgd",
+        set_tensor("rng.cpu", lambda t: t[:3]),
+        "rng.cpu is (3,) in the file, (5056,) expected",
+        RESUME,
+    ),
+    "rng.cpu int64": (
+        "sgd",
+        set_tensor("rng.cpu", lambda t: t.long()),
+        "rng.cpu is int64 in the file, uint8 expected",
+        RESUME,
+    ),
+    "rng.cuda 3 bytes": (
+        "sgd",
+        set_tensor("rng.cuda", lambda t: torch.zeros(3, dtype=torch.uint8)),
+        "rng.cuda is (3,) in the file, (16,) expected",
+        RESUME,
+    ),
     # optimizer state: resumed silently before
-    "momentum deleted": ("sgd", set_tensor("optim.5.momentum_buffer", lambda t: None), "missing ['optim.5.momentum_buffer']", RESUME),
+    "momentum deleted": (
+        "sgd",
+        set_tensor("optim.5.momentum_buffer", lambda t: None),
+        "missing ['optim.5.momentum_buffer']",
+        RESUME,
+    ),
     "all optimizer state deleted": ("sgd", drop_optimizer_state, "missing ['optim.0.momentum_buffer'", RESUME),
-    "momentum fp16": ("sgd", set_tensor("optim.0.momentum_buffer", lambda t: t.half()),
-                      "optim.0.momentum_buffer is float16 in the file, float32 expected", RESUME),
-    "momentum flat": ("sgd", set_tensor("optim.0.momentum_buffer", lambda t: t.flatten()),
-                      "optim.0.momentum_buffer is (72,) in the file, (8, 1, 3, 3) expected", RESUME),
-    "unknown state": ("sgd", set_tensor("optim.0.bogus", lambda t: torch.zeros(1)), "unexpected ['optim.0.bogus']", RESUME),
-    "adamw step int64": ("adamw", set_tensor("optim.0.step", lambda t: t.long()), "optim.0.step is int64 in the file, float32 expected",
-                         RESUME),
-    "adamw exp_avg_sq deleted": ("adamw", set_tensor("optim.3.exp_avg_sq", lambda t: None), "missing ['optim.3.exp_avg_sq']", RESUME),
-    "optimizer groups empty": ("sgd", set_meta("optimizer", value=[]), "optimizer is [], not a list of 2 param groups", RESUME),
+    "momentum fp16": (
+        "sgd",
+        set_tensor("optim.0.momentum_buffer", lambda t: t.half()),
+        "optim.0.momentum_buffer is float16 in the file, float32 expected",
+        RESUME,
+    ),
+    "momentum flat": (
+        "sgd",
+        set_tensor("optim.0.momentum_buffer", lambda t: t.flatten()),
+        "optim.0.momentum_buffer is (72,) in the file, (8, 1, 3, 3) expected",
+        RESUME,
+    ),
+    "unknown state": (
+        "sgd",
+        set_tensor("optim.0.bogus", lambda t: torch.zeros(1)),
+        "unexpected ['optim.0.bogus']",
+        RESUME,
+    ),
+    "adamw step int64": (
+        "adamw",
+        set_tensor("optim.0.step", lambda t: t.long()),
+        "optim.0.step is int64 in the file, float32 expected",
+        RESUME,
+    ),
+    "adamw exp_avg_sq deleted": (
+        "adamw",
+        set_tensor("optim.3.exp_avg_sq", lambda t: None),
+        "missing ['optim.3.exp_avg_sq']",
+        RESUME,
+    ),
+    "optimizer groups empty": (
+        "sgd",
+        set_meta("optimizer", value=[]),
+        "optimizer is [], not a list of 2 param groups",
+        RESUME,
+    ),
     "optimizer lr text": ("sgd", set_meta("optimizer", 0, "lr", value="x"), "optimizer[0].lr is 'x'", RESUME),
-    "optimizer params key": ("sgd", set_meta("optimizer", 1, "params", value=[0]), "optimizer[1].params is [0]", RESUME),
-    "optimizer momentum missing": ("sgd", lambda t, m: m["optimizer"][1].pop("momentum"), "optimizer[1].momentum is missing", RESUME),
-    "adamw betas": ("adamw", set_meta("optimizer", 0, "betas", value=[0.9, 5]), "optimizer[0].betas is [0.9, 5]", RESUME),
+    "optimizer params key": (
+        "sgd",
+        set_meta("optimizer", 1, "params", value=[0]),
+        "optimizer[1].params is [0]",
+        RESUME,
+    ),
+    "optimizer momentum missing": (
+        "sgd",
+        lambda t, m: m["optimizer"][1].pop("momentum"),
+        "optimizer[1].momentum is missing",
+        RESUME,
+    ),
+    "adamw betas": (
+        "adamw",
+        set_meta("optimizer", 0, "betas", value=[0.9, 5]),
+        "optimizer[0].betas is [0.9, 5]",
+        RESUME,
+    ),
     # position, sums, history, scaler
     "sums negative": ("sgd", set_meta("sums", "count", value=-3), "sums.count is -3, not an integer >= 0", RESUME),
     "sums text": ("sgd", set_meta("sums", "loss", value="x"), "sums.loss is 'x', not a number >= 0", RESUME),
     "sums more correct": ("sgd", set_meta("sums", "correct", value=10**6), "do not fit position", RESUME),
-    "history test_acc": ("sgd", set_meta("history", 0, "test_acc", value="x"), "history[0].test_acc is 'x', not a number in [0, 1]",
-                         RESUME),
-    "history seconds": ("sgd", set_meta("history", 0, "seconds", value=0), "history[0].seconds is 0, not a number > 0", RESUME),
+    "history test_acc": (
+        "sgd",
+        set_meta("history", 0, "test_acc", value="x"),
+        "history[0].test_acc is 'x', not a number in [0, 1]",
+        RESUME,
+    ),
+    "history seconds": (
+        "sgd",
+        set_meta("history", 0, "seconds", value=0),
+        "history[0].seconds is 0, not a number > 0",
+        RESUME,
+    ),
     "history epoch": ("sgd", set_meta("history", 0, "epoch", value=5), "history[0].epoch is 5, not 1", RESUME),
-    "position past the epochs": ("sgd", set_meta("position", "epoch", value=3), "position.epoch is 3, past the recipe's 2 epochs",
-                                 RESUME),
-    "position past the steps": ("sgd", both(set_meta("position", value={"epoch": 1, "step": 10**6}), set_meta("sums", value=COUNTED)),
-                                "position.step is 1000000, past the 6 steps of an epoch", RESUME),
+    "position past the epochs": (
+        "sgd",
+        set_meta("position", "epoch", value=3),
+        "position.epoch is 3, past the recipe's 2 epochs",
+        RESUME,
+    ),
+    "position past the steps": (
+        "sgd",
+        both(set_meta("position", value={"epoch": 1, "step": 10**6}), set_meta("sums", value=COUNTED)),
+        "position.step is 1000000, past the 6 steps of an epoch",
+        RESUME,
+    ),
     "scaler": ("sgd", set_meta("scaler", value={"scale": "x"}), "scaler.scale is 'x', not a number > 0", RESUME),
-}  # fmt: skip
+}
 
 
 def _command(name: str, run: Path) -> list[str]:
-    return {"eval": ["eval", str(run)], "predict": ["predict", str(run), str(run / "x.png")], "export": ["export", str(run)],
-            "resume": ["train", "--resume", str(run)]}[name]  # fmt: skip
+    return {
+        "eval": ["eval", str(run)],
+        "predict": ["predict", str(run), str(run / "x.png")],
+        "export": ["export", str(run)],
+        "resume": ["train", "--resume", str(run)],
+    }[name]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_field(case: str, runs: dict[str, Path], tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_field(
+    case: str, runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     which, edit, says, commands = CASES[case]
     run = _damaged(runs[which], tmp_path, edit)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
     for command in commands:
-        if command == "export" and any(__import__("importlib").util.find_spec(m) is None for m in ("onnx", "onnxruntime")):
+        if command == "export" and any(
+            __import__("importlib").util.find_spec(m) is None for m in ("onnx", "onnxruntime")
+        ):
             continue
         code = main(_command(command, run))
         err = capsys.readouterr().err
         assert code == 2, (command, err)
         assert err.count("\n") == 1 and "Traceback" not in err, (command, err)
         assert err.startswith(f"resnetlab: error: {run / CHECKPOINT_NAME}") and says in err, (command, err)
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing written (no export, no run files)
+    assert {
+        p.name: p.read_bytes() for p in run.iterdir() if p.is_file()
+    } == before  # nothing written (no export, no run files)
 
 
-def test_damage_only_a_resume_reads_leaves_eval_working(runs: dict[str, Path], tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_damage_only_a_resume_reads_leaves_eval_working(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # the resume error says "eval, predict and export may still use it": they do
     run = _damaged(runs["sgd"], tmp_path, set_tensor("rng.cpu", lambda t: t[:3]))
     assert main(["eval", str(run), "--json"]) == 0
@@ -214,8 +330,9 @@ def test_damage_only_a_resume_reads_leaves_eval_working(runs: dict[str, Path], t
 
 
 @pytest.mark.parametrize("which", ["sgd", "adamw"])
-def test_an_undamaged_checkpoint_rewritten_by_safetensors_still_resumes_and_evaluates(which: str, runs: dict[str, Path], tmp_path: Path,
-                                                                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_an_undamaged_checkpoint_rewritten_by_safetensors_still_resumes_and_evaluates(
+    which: str, runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = _damaged(runs[which], tmp_path, lambda tensors, meta: None)
     assert main(["eval", str(run)]) == 0
     image = next(Path(_read(run / CHECKPOINT_NAME)[1]["dataset"].removeprefix("folder:")).glob("dark/*.png"))
@@ -231,7 +348,13 @@ def test_an_optimizer_that_never_stepped_may_have_no_state(runs: dict[str, Path]
     from resnetlab.checkpoint import read_checkpoint
     from resnetlab.train.request import _resume_state
 
-    scaler = {"scale": 32768.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0}
+    scaler = {
+        "scale": 32768.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 0,
+    }
     run = _damaged(runs["sgd"], tmp_path, both(drop_optimizer_state, set_meta("scaler", value=scaler)))
     tensors, meta = read_checkpoint(run)
     assert _resume_state(tensors, meta, run).optimizer == "sgd"
@@ -256,9 +379,10 @@ def _link(root: Path, name: str, target: str) -> None:
         ("dark/copy.png", "../light/0.png", "are the same file ({root}/light/0.png), in classes"),
         ("dark/again.png", "0.png", "are the same file ({root}/dark/0.png), in class dark twice"),
     ],
-)  # fmt: skip
-def test_a_folder_link_that_puts_an_image_in_two_classes_or_loops_is_refused(name: str, target: str, says: str, tmp_path: Path,
-                                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+)
+def test_a_folder_link_that_puts_an_image_in_two_classes_or_loops_is_refused(
+    name: str, target: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from resnetlab.data import load_dataset
 
     root = _image_folder(tmp_path / "data", {"dark": 60, "light": 190}, n=4)
@@ -291,14 +415,20 @@ def test_a_class_folder_linked_to_images_elsewhere_is_accepted(tmp_path: Path) -
 
 @pytest.mark.parametrize("command", ["eval", "predict", "export"])
 @pytest.mark.parametrize("given", ["dir", "file"])
-def test_eval_predict_and_export_name_the_run_a_force_run_set_aside(command: str, given: str, runs: dict[str, Path], tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_eval_predict_and_export_name_the_run_a_force_run_set_aside(
+    command: str, given: str, runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
-    shutil.copytree(runs["sgd"], out / ".previous-run")  # what a kill between the set-aside and the first checkpoint leaves
+    shutil.copytree(
+        runs["sgd"], out / ".previous-run"
+    )  # what a kill between the set-aside and the first checkpoint leaves
     shutil.copy(out / ".previous-run" / "config.json", out / "config.json")
     path = out if given == "dir" else out / CHECKPOINT_NAME
     assert main([command, str(path), *(["x.png"] if command == "predict" else [])]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"no checkpoint at {out / CHECKPOINT_NAME}: a --force run was stopped before its first one" in err
+    assert (
+        err.count("\n") == 1
+        and f"no checkpoint at {out / CHECKPOINT_NAME}: a --force run was stopped before its first one" in err
+    )
     assert f"the run it was replacing is in {out / '.previous-run'}" in err
     assert main(["eval", str(out / ".previous-run")]) == 0  # as the message offers

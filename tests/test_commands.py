@@ -31,19 +31,25 @@ print(applied, libc.mallinfo2().hblkhd >= 9 << 20)  # was the second 9 MiB block
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
+)
 def test_train_command_keeps_large_activations_off_the_heap() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     probe = [sys.executable, "-c", HEAP_PROBE]
     assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.split() == ["True", "True"]
     # A user's own setting wins, and without the bound the block comes from the heap.
     user = {**env, "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
-    assert subprocess.run(probe, env=user, capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+    assert subprocess.run(probe, env=user, capture_output=True, text=True, check=True).stdout.split() == [
+        "False",
+        "False",
+    ]
 
 
 @pytest.mark.parametrize("flag", ["--out", "--resume", "--init-from", "--recipe", "--dataset"])
-def test_an_empty_path_flag_is_refused(flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_an_empty_path_flag_is_refused(
+    flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # `--out ''` trained into runs/RECIPE-TIMESTAMP, `--init-from ''` from scratch and `--recipe ''` fast, silently
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
@@ -57,8 +63,15 @@ def test_an_empty_path_flag_is_refused(flag: str, tmp_path: Path, monkeypatch: p
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("argv", [["eval", ""], ["export", "RUN", "--out", ""], ["predict", "--onnx", "", "a.png"],
-                                  ["eval", "RUN", "--dataset", ""]])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", ""],
+        ["export", "RUN", "--out", ""],
+        ["predict", "--onnx", "", "a.png"],
+        ["eval", "RUN", "--dataset", ""],
+    ],
+)
 def test_empty_strings_are_refused_by_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     # eval '' said "no checkpoint at last.safetensors"; export --out '' and eval --dataset '' used the defaults
     with pytest.raises(SystemExit) as stop:
@@ -69,7 +82,9 @@ def test_empty_strings_are_refused_by_every_command(argv: list[str], capsys: pyt
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])
 def test_nproc_below_one_is_refused(nproc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    err = _train_refused(tmp_path, capsys, "--nproc", nproc, "--subset", "64", "--epochs", "1")  # 0 once ran one process
+    err = _train_refused(
+        tmp_path, capsys, "--nproc", nproc, "--subset", "64", "--epochs", "1"
+    )  # 0 once ran one process
     assert f"--nproc must be >= 1, not {nproc}" in err
 
 
@@ -86,13 +101,18 @@ def test_a_torchrun_worker_never_launches_torchrun_again(monkeypatch: pytest.Mon
     assert main(["train", "--npr", "2", "--out", "w"]) == 0 and launched == [2] and trained == ["w"]
 
 
-@pytest.mark.parametrize("flags, says", [(["--lr", "-1"], "lr must be > 0, not -1.0"),
-                                         (["--out", "OUT", "--resume", "OUT"], "--resume continues the run in OUT; drop --out"),
-                                         (["--precision", "fp16", "--device", "cpu"], "fp16 training needs a GPU"),
-                                         (["--init-from", "OUT/none.pth"], "no weights file at OUT/none.pth")])  # fmt: skip
-def test_nproc_checks_the_flags_once_before_starting_any_worker(flags: list[str], says: str, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--lr", "-1"], "lr must be > 0, not -1.0"),
+        (["--out", "OUT", "--resume", "OUT"], "--resume continues the run in OUT; drop --out"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16 training needs a GPU"),
+        (["--init-from", "OUT/none.pth"], "no weights file at OUT/none.pth"),
+    ],
+)
+def test_nproc_checks_the_flags_once_before_starting_any_worker(
+    flags: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # every worker made the checks and printed the same error, then torchrun its own log lines
     from resnetlab.train import commands
 

@@ -20,7 +20,18 @@ from resnetlab.cli import main
 from resnetlab.data import Split, load_dataset, sources
 from resnetlab.errors import DataError, UsageError
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 # ------------------------------------------------------------------------------ real Fashion-MNIST
@@ -136,7 +147,10 @@ def test_a_named_root_without_the_data_is_a_warning_not_silence(isolated, monkey
     monkeypatch.setitem(sources.SYSTEM_DIRS, "mnist", [str(sysdir)])
     typo = isolated / "typo"
     # named neutrally: the root is --root of `data` but --data-root of train and eval
-    with pytest.warns(UserWarning, match=rf"^the data root {typo} holds no usable mnist .*; using {sysdir} \(system\)\. Fix or drop it$"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"^the data root {typo} holds no usable mnist .*; using {sysdir} \(system\)\. Fix or drop it$",
+    ):
         assert len(load_dataset("mnist", root=typo, download=False)[0]) == 11
     monkeypatch.setenv("RESNETLAB_DATA", str(typo))
     assert main(["data", "info", "mnist"]) == 0  # the CLI shows it as one line

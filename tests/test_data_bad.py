@@ -100,7 +100,9 @@ def test_labels_out_of_range(no_system, capsys):
 def test_image_and_label_counts_differ(no_system, capsys):
     labels = make_idx_arrays()[LAB][:-1]
     _bad_mnist(no_system / "r", LAB, idx_bytes(labels))
-    _expect_data_error(capsys, no_system, "mnist", no_system / "r", "train-labels-idx1-ubyte", "40 images but .* 39 labels")
+    _expect_data_error(
+        capsys, no_system, "mnist", no_system / "r", "train-labels-idx1-ubyte", "40 images but .* 39 labels"
+    )
 
 
 def test_empty_file(no_system, capsys):
@@ -186,8 +188,14 @@ def test_folder_with_one_class_is_refused(tmp_path, capsys):
     one = tmp_path / "one"  # a classifier of one class trained to a meaningless 100%
     _write_images(one)
     shutil.rmtree(one / "b")
-    _expect_data_error(capsys, tmp_path, f"folder:{one}", None, str(one),
-                       r": only one class \(a\); a classifier needs two or more class sub-folders")  # fmt: skip
+    _expect_data_error(
+        capsys,
+        tmp_path,
+        f"folder:{one}",
+        None,
+        str(one),
+        r": only one class \(a\); a classifier needs two or more class sub-folders",
+    )
     half = tmp_path / "half"  # train/ alone was read as one class named "train"
     _write_images(half / "train")
     _expect_data_error(capsys, tmp_path, f"folder:{half}", None, str(half), "has train/ but no test/ or val/ beside it")
@@ -203,14 +211,28 @@ def test_folder_decompression_bomb(tmp_path, capsys, monkeypatch):
     bomb = tmp_path / "f" / "a" / "big.png"
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(bomb)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over twice this: 256 pixels is a "bomb"
-    _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}", None, str(bomb),
-                       r"too large to decode safely \(Image size \(256 pixels\) .*; downscale it")  # fmt: skip
+    _expect_data_error(
+        capsys,
+        tmp_path,
+        f"folder:{tmp_path / 'f'}",
+        None,
+        str(bomb),
+        r"too large to decode safely \(Image size \(256 pixels\) .*; downscale it",
+    )
 
 
 def test_folder_size_too_large_for_memory(tmp_path, capsys):
-    _write_images(tmp_path / "f")  # 4 training images at 10^8 x 10^8: 36 PiB, more than any address space: fails at once
-    _expect_data_error(capsys, tmp_path, f"folder:{tmp_path / 'f'}?size=100000000", None, "4 images at 100000000x100000000x1",
-                       r"more than can be allocated; choose a smaller size with folder:PATH\?size=N")  # fmt: skip
+    _write_images(
+        tmp_path / "f"
+    )  # 4 training images at 10^8 x 10^8: 36 PiB, more than any address space: fails at once
+    _expect_data_error(
+        capsys,
+        tmp_path,
+        f"folder:{tmp_path / 'f'}?size=100000000",
+        None,
+        "4 images at 100000000x100000000x1",
+        r"more than can be allocated; choose a smaller size with folder:PATH\?size=N",
+    )
 
 
 def test_folder_option_that_does_not_exist_is_named(tmp_path, capsys):
@@ -219,14 +241,19 @@ def test_folder_option_that_does_not_exist_is_named(tmp_path, capsys):
     name = f"folder:{tmp_path / 'f'}?holdout=0.2&sed=1"
     assert main(["data", "info", name]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"unknown folder option(s) sed in {name}; the options are size, channels, holdout, seed" in err
+    assert (
+        err.count("\n") == 1
+        and f"unknown folder option(s) sed in {name}; the options are size, channels, holdout, seed" in err
+    )
     long = f"folder:{tmp_path / ('x' * 300)}"  # a name too long for the file system: a traceback from pathlib
     for name in (long, f"{long}?sed=1"):
         assert main(["data", "info", name]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "File name too long; give the image folder's path" in err
-    for options, says in [("size=abc", "folder options size=abc are not all numbers; e.g. size=32"),  # it showed a dict
-                          ("size=0", "image size (folder option size) must be positive, not 0")]:  # it said image_size
+    for options, says in [
+        ("size=abc", "folder options size=abc are not all numbers; e.g. size=32"),  # it showed a dict
+        ("size=0", "image size (folder option size) must be positive, not 0"),
+    ]:  # it said image_size
         assert main(["data", "info", f"folder:{tmp_path / 'f'}?{options}"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err
@@ -266,10 +293,15 @@ def test_fuzz_idx_random_bytes(data, ndim):
 
 @FUZZ
 @given(
-    st.integers(0, 255), st.integers(0, 255), st.sampled_from([0x08, 0x08, 0x09, 0x0D, 0x42]), st.integers(0, 5),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.sampled_from([0x08, 0x08, 0x09, 0x0D, 0x42]),
+    st.integers(0, 5),
     st.lists(st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1)), min_size=0, max_size=5),
-    st.integers(-8, 8), st.booleans(), st.binary(max_size=8),
-)  # fmt: skip
+    st.integers(-8, 8),
+    st.booleans(),
+    st.binary(max_size=8),
+)
 def test_fuzz_idx_near_valid_headers(z0, z1, type_code, nd, dims, delta, compress, tail):
     """Headers close to valid ones (zero bytes, type, dimension count, dims, payload +/- a few bytes)."""
     z0 = 0 if z0 < 200 else z0

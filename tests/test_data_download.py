@@ -41,7 +41,9 @@ def mirror(no_system, monkeypatch):
             files.append(sources.FileSpec(fs.name, md5=hashlib.md5(data).hexdigest()))
         else:
             files.append(sources.FileSpec(fs.name, md5="0" * 32, sha256=hashlib.sha256(data).hexdigest()))
-    monkeypatch.setitem(sources.DATASETS, "mnist", sources.DatasetSpec("mnist", "idx", tuple(files), sources.MNIST_CLASSES))
+    monkeypatch.setitem(
+        sources.DATASETS, "mnist", sources.DatasetSpec("mnist", "idx", tuple(files), sources.MNIST_CLASSES)
+    )
     return d
 
 
@@ -112,7 +114,9 @@ def test_content_digest_mismatch_fails_download(mirror, monkeypatch, no_system):
     monkeypatch.setitem(sources.MIRRORS, "mnist", [(mirror / "mnist").as_uri()])
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz failed: .*content sha256"):
         load_dataset("mnist", quiet=True)
-    assert sorted(p.name for p in (no_system / "xdg-cache" / "resnetlab" / "mnist").iterdir()) == ["train-images-idx3-ubyte.gz"]
+    assert sorted(p.name for p in (no_system / "xdg-cache" / "resnetlab" / "mnist").iterdir()) == [
+        "train-images-idx3-ubyte.gz"
+    ]
 
 
 def test_real_fashion_files_do_not_pass_as_official_download(no_system, monkeypatch):
@@ -136,7 +140,9 @@ def test_cifar_archive_download(no_system, monkeypatch):
     files, _, _ = make_cifar_files()
     archive = write_cifar_tar(no_system / "mirror" / "cifar-10-binary.tar.gz", files)
     fs = sources.FileSpec("cifar-10-binary.tar.gz", md5=hashlib.md5(archive.read_bytes()).hexdigest())
-    monkeypatch.setitem(sources.DATASETS, "cifar10", sources.DatasetSpec("cifar10", "cifar", (fs,), sources.CIFAR10_CLASSES))
+    monkeypatch.setitem(
+        sources.DATASETS, "cifar10", sources.DatasetSpec("cifar10", "cifar", (fs,), sources.CIFAR10_CLASSES)
+    )
     monkeypatch.setitem(sources.MIRRORS, "cifar10", [(no_system / "mirror").as_uri()])
     train, test = load_dataset("cifar10", quiet=True)
     assert (len(train), len(test)) == (30, 6)
@@ -150,8 +156,15 @@ def test_offline_message_names_every_place_and_both_fixes(no_system, monkeypatch
     msg = str(info.value)
     assert "\n" not in msg
     cache = no_system / "xdg-cache" / "resnetlab"
-    for place in (no_system / "given" / "fashion-mnist", no_system / "given", no_system / "envdata" / "fashion-mnist",
-                  no_system / "envdata", cache / "fashion-mnist", cache, no_system / "no-system" / "fashion-mnist"):  # fmt: skip
+    for place in (
+        no_system / "given" / "fashion-mnist",
+        no_system / "given",
+        no_system / "envdata" / "fashion-mnist",
+        no_system / "envdata",
+        cache / "fashion-mnist",
+        cache,
+        no_system / "no-system" / "fashion-mnist",
+    ):
         assert f"{place} [" in msg, place
     assert "resnetlab data fetch fashion-mnist" in msg and "apt-get install dataset-fashion-mnist" in msg
     assert "127.0.0.1:9" in msg

@@ -25,7 +25,9 @@ from resnetlab.errors import UsageError
 
 
 def toy_split(n=103, c=1, hw=(4, 4)) -> Split:
-    images = (torch.arange(n, dtype=torch.int64) % 256).to(torch.uint8)[:, None, None, None].expand(n, c, *hw).contiguous()
+    images = (
+        (torch.arange(n, dtype=torch.int64) % 256).to(torch.uint8)[:, None, None, None].expand(n, c, *hw).contiguous()
+    )
     return Split(images, torch.arange(n) % 10, [str(i) for i in range(10)], "toy")
 
 
@@ -107,8 +109,12 @@ def test_train_shards_equal_full_batches_disjoint(n, ws, bs):
 
 def test_loader_rejects_bad_arguments():
     s = toy_split(10)
-    for kwargs in ({"batch_size": 0}, {"batch_size": 2, "rank": 2, "world_size": 2}, {"batch_size": 2, "world_size": 0},
-                   {"batch_size": 2, "device": "nonsense"}):  # fmt: skip
+    for kwargs in (
+        {"batch_size": 0},
+        {"batch_size": 2, "rank": 2, "world_size": 2},
+        {"batch_size": 2, "world_size": 0},
+        {"batch_size": 2, "device": "nonsense"},
+    ):
         with pytest.raises(UsageError):
             BatchLoader(s, **kwargs)
     with pytest.raises(UsageError):

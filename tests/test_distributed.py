@@ -43,8 +43,18 @@ N_TRAIN, N_TEST = 512, 1001
 # 2 processes x 32 with --scale-lr (lr 0.05 x 2) against 1 process x 64 at lr 0.1: the same global
 # batches, the same applied lr, the same BatchNorm statistics (--sync-bn). The rest is the fast
 # recipe (one-cycle SGD with Nesterov momentum, label smoothing, weight decay), without augmentation.
-COMMON = dict(epochs=2, model="resnet10", width=8, stem="small", augment="none", precision="fp32", tta=False,
-              device="cpu", seed=3, eval_every=1)  # fmt: skip
+COMMON = dict(
+    epochs=2,
+    model="resnet10",
+    width=8,
+    stem="small",
+    augment="none",
+    precision="fp32",
+    tta=False,
+    device="cpu",
+    seed=3,
+    eval_every=1,
+)
 TWO = dict(COMMON, batch_size=32, lr=0.05, scale_lr=True, sync_bn=True)
 ONE = dict(COMMON, batch_size=64, lr=0.1)
 
@@ -200,16 +210,33 @@ def two_nodes(folder, driver, tmp_path_factory):
     procs, deadline = [], time.monotonic() + TIMEOUT
     for node in (0, 1):
         kwargs = dict(TWO, dataset=folder, out=str(tmp / f"out{node}"), checkpoint_every=1)
-        cmd = [PY, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={job}",
-               str(driver), json.dumps(kwargs), str(tmp), str(node)]  # fmt: skip
+        cmd = [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node-rank={node}",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id={job}",
+            str(driver),
+            json.dumps(kwargs),
+            str(tmp),
+            str(node),
+        ]
         procs.append((start(cmd, tmp / f"node{node}.log", env), tmp / f"node{node}.log"))
     logs = [finish(p, log, deadline) for p, log in procs]
     for (p, _), log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     results = [json.loads((tmp / f"result-{r}.json").read_text()) for r in (0, 1)]
-    return {"results": results, "run_dir": tmp / f"out{results[0]['node']}", "other_out": tmp / f"out{results[1]['node']}",
-            "losses": step_log(tmp / "losses.jsonl"), "logs": logs}  # fmt: skip
+    return {
+        "results": results,
+        "run_dir": tmp / f"out{results[0]['node']}",
+        "other_out": tmp / f"out{results[1]['node']}",
+        "losses": step_log(tmp / "losses.jsonl"),
+        "logs": logs,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,8 +347,18 @@ def test_killed_rank_restarts_resumes_and_ends_like_the_uninterrupted_run(two_no
     """SIGKILL one of two ranks mid-epoch under --max-restarts 1: torchrun restarts both, they resume."""
     out, log = tmp_path / "run", tmp_path / "torchrun.log"
     kwargs = dict(TWO, dataset=folder, out=str(out), checkpoint_every=1)
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-           str(driver), json.dumps(kwargs), str(tmp_path), "0"]  # fmt: skip
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        str(driver),
+        json.dumps(kwargs),
+        str(tmp_path),
+        "0",
+    ]
     proc = start(cmd, log, child_env(**{elastic.STEP_LOSS_ENV: str(tmp_path / "losses.jsonl")}))
     deadline, killed = time.monotonic() + TIMEOUT, None
     try:
@@ -375,24 +412,47 @@ def test_plain_torchrun_worker_that_lost_its_peer_says_so_in_one_line(folder, tm
     a plain RuntimeError ("Connection closed by peer"), which printed a 20-line traceback; now one line saying
     what happened and how to continue. --monitor-interval: torchrun would otherwise SIGTERM rank 1 (silently)
     as soon as it sees rank 0 gone, possibly before rank 1 has said anything."""
-    out, log, logs, script = tmp_path / "run", tmp_path / "torchrun.log", tmp_path / "logs", tmp_path / "resnetlab_dies.py"
+    out, log, logs, script = (
+        tmp_path / "run",
+        tmp_path / "torchrun.log",
+        tmp_path / "logs",
+        tmp_path / "resnetlab_dies.py",
+    )
     script.write_text(DIES_AFTER_STEP_3)
-    flags = [f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"
-             for k, v in dict(TWO, dataset=folder, out=out, checkpoint_every=1).items()]  # fmt: skip
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0", "--monitor-interval=5",
-           f"--log-dir={logs}", "--redirects=3", str(script), "train", *flags]  # fmt: skip
+    flags = [
+        f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"
+        for k, v in dict(TWO, dataset=folder, out=out, checkpoint_every=1).items()
+    ]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "--monitor-interval=5",
+        f"--log-dir={logs}",
+        "--redirects=3",
+        str(script),
+        "train",
+        *flags,
+    ]
     proc = start(cmd, log, child_env())
     text = finish(proc, log, time.monotonic() + TIMEOUT)
     assert proc.returncode != 0, text[-3000:]
     assert position(out) == (0, 3), text[-3000:]  # rank 0 died where the driver says, after its checkpoint
-    [stderr] = logs.glob("*/attempt_0/1/stderr.log")  # rank 1's own stderr (torchrun's report of the failure is its own)
+    [stderr] = logs.glob(
+        "*/attempt_0/1/stderr.log"
+    )  # rank 1's own stderr (torchrun's report of the failure is its own)
     err = stderr.read_text()
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err[-3000:]  # that one line, nothing else
     assert lines[0].startswith("resnetlab: error: process 1 lost the other processes ("), lines[0]
-    assert lines[0].endswith(f"one of them died; torchrun stops the job (no restarts left); "
-                             f"continue from the last checkpoint with: resnetlab train --resume {out} --nproc 2"), lines[0]
+    assert lines[0].endswith(
+        f"one of them died; torchrun stops the job (no restarts left); "
+        f"continue from the last checkpoint with: resnetlab train --resume {out} --nproc 2"
+    ), lines[0]
 
 
 def test_lost_peer_line_names_torchelastic_restart(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
@@ -402,16 +462,22 @@ def test_lost_peer_line_names_torchelastic_restart(monkeypatch: pytest.MonkeyPat
     from resnetlab import cli
 
     def lost(args):  # noqa: ANN001, ANN202
-        raise RuntimeError("[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5. This is typically "
-                           "caused by a remote worker crashing. GLHF!")  # fmt: skip
+        raise RuntimeError(
+            "[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5. This is typically "
+            "caused by a remote worker crashing. GLHF!"
+        )
 
     monkeypatch.setattr(cli, "_handler", lambda command: lost)
-    for key, value in dict(RANK="1", WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_RESTART_COUNT="1").items():
+    for key, value in dict(
+        RANK="1", WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_RESTART_COUNT="1"
+    ).items():
         monkeypatch.setenv(key, value)
     assert cli.main(["train", "--out", "R"]) == 1
-    assert capsys.readouterr().err == ("resnetlab: error: process 1 lost the other processes ([/x/gloo/transport/tcp/pair.cc:553] "
-                                       "Connection closed by peer [127.0.0.1]:5): one of them died; torchrun restarts them all "
-                                       "(restart 2 of 3), resuming from the last checkpoint\n")  # fmt: skip
+    assert capsys.readouterr().err == (
+        "resnetlab: error: process 1 lost the other processes ([/x/gloo/transport/tcp/pair.cc:553] "
+        "Connection closed by peer [127.0.0.1]:5): one of them died; torchrun restarts them all "
+        "(restart 2 of 3), resuming from the last checkpoint\n"
+    )
     assert not cli._lost_peers(RuntimeError("a plain bug"))  # any other RuntimeError stays a traceback
     assert "starting over" in cli._after_lost_peers(argparse.Namespace(out=None, resume=None))
 
@@ -420,15 +486,26 @@ def test_resume_on_another_world_size_is_refused(single, two_nodes, tmp_path):
     # 2 processes -> 1: refused before anything is written
     copy2 = tmp_path / "two"
     shutil.copytree(two_nodes["run_dir"], copy2)
-    with pytest.raises(UsageError, match=r"trained by 2 process\(es\) but this run has 1"), float64():  # the runs' dtype
+    with (
+        pytest.raises(UsageError, match=r"trained by 2 process\(es\) but this run has 1"),
+        float64(),
+    ):  # the runs' dtype
         train(resume=copy2)
     # 1 process -> 2 with --nproc: refused once, before torchrun starts (the launcher in float64 too, as the run)
     copy1 = tmp_path / "one"
     shutil.copytree(single[0].run_dir, copy1)
     before = (copy1 / CHECKPOINT_NAME).read_bytes()
-    launcher = "import sys, torch; torch.set_default_dtype(torch.float64); from resnetlab.cli import main; sys.exit(main())"
-    proc = subprocess.run([PY, "-c", launcher, "train", "--nproc", "2", "--resume", str(copy1)], capture_output=True,
-                          text=True, env=child_env(), timeout=TIMEOUT, start_new_session=True)  # fmt: skip
+    launcher = (
+        "import sys, torch; torch.set_default_dtype(torch.float64); from resnetlab.cli import main; sys.exit(main())"
+    )
+    proc = subprocess.run(
+        [PY, "-c", launcher, "train", "--nproc", "2", "--resume", str(copy1)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=TIMEOUT,
+        start_new_session=True,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("trained by 1 process(es) but this run has 2") == 1 and proc.stderr.count("\n") == 1
     assert (copy1 / CHECKPOINT_NAME).read_bytes() == before

@@ -45,8 +45,19 @@ def run_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("export") / "run"
     with contextlib.redirect_stdout(io.StringIO()):
-        train("fast", out=out, subset=256, epochs=1, model="resnet10", width=8, resize=16, tta=True,
-              device="cpu", precision="fp32", progress=False)  # fmt: skip (bf16: tests/test_precision.py)
+        train(
+            "fast",
+            out=out,
+            subset=256,
+            epochs=1,
+            model="resnet10",
+            width=8,
+            resize=16,
+            tta=True,
+            device="cpu",
+            precision="fp32",
+            progress=False,
+        )  # bf16: tests/test_precision.py
     return out
 
 
@@ -148,12 +159,16 @@ def test_out_that_is_the_checkpoint_is_refused_and_the_checkpoint_kept(run_dir, 
     for out in (ckpt, run_dir / ".." / run_dir.name / "last.safetensors", tmp_path / "link" / "last.safetensors"):
         assert main(["export", str(run_dir), "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert err == (f"resnetlab: error: --out {out} is the checkpoint being exported and would be lost; "
-                       f"give another file such as {run_dir / 'model.onnx'}\n")  # fmt: skip
+        assert err == (
+            f"resnetlab: error: --out {out} is the checkpoint being exported and would be lost; "
+            f"give another file such as {run_dir / 'model.onnx'}\n"
+        )
     assert ckpt.read_bytes() == before
     config = (run_dir / "config.json").read_bytes()
     assert main(["export", str(run_dir), "--out", str(run_dir / "config.json")]) == 2
-    assert f"--out {run_dir / 'config.json'} is a file of the run being exported (config.json)" in capsys.readouterr().err
+    assert (
+        f"--out {run_dir / 'config.json'} is a file of the run being exported (config.json)" in capsys.readouterr().err
+    )
     assert (run_dir / "config.json").read_bytes() == config
 
 
@@ -164,7 +179,10 @@ def test_out_that_is_any_other_existing_file_is_refused(run_dir, tmp_path, capsy
     notes.write_text("mine")
     assert main(["export", str(run_dir), "--out", str(notes)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--out {notes} exists and is not an .onnx file; export replaces only an earlier export" in err
+    assert (
+        err.count("\n") == 1
+        and f"--out {notes} exists and is not an .onnx file; export replaces only an earlier export" in err
+    )
     assert notes.read_text() == "mine"
     again = tmp_path / "m.onnx"  # an earlier export is replaced, as re-exporting expects
     assert main(["export", str(run_dir), "--out", str(again)]) == 0
@@ -177,8 +195,10 @@ def test_out_that_is_a_fifo_is_refused_not_replaced(run_dir, tmp_path, capsys):
     os.mkfifo(fifo)
     assert main(["export", str(run_dir), "--out", str(fifo)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"resnetlab: error: --out {fifo} is not a regular file (a device, FIFO or socket); "
-                   f"give a file name such as {run_dir / 'model.onnx'}\n")  # fmt: skip
+    assert err == (
+        f"resnetlab: error: --out {fifo} is not a regular file (a device, FIFO or socket); "
+        f"give a file name such as {run_dir / 'model.onnx'}\n"
+    )
     (tmp_path / "link").symlink_to(fifo)
     assert main(["export", str(run_dir), "--out", str(tmp_path / "link")]) == 2
     assert f"--out {tmp_path / 'link'} (-> {fifo}) is not a regular file" in capsys.readouterr().err
@@ -196,15 +216,21 @@ def test_out_through_a_link_writes_the_target_and_keeps_the_link(exported, run_d
         assert main(["export", str(run_dir), "--out", str(tmp_path / link)]) == 0, capsys.readouterr().err
         assert (tmp_path / link).is_symlink()
         written = (tmp_path / link).resolve()  # where the link points
-        assert written.stat().st_size > 10_000 and OnnxClassifier(written).input_shape == OnnxClassifier(exported[0]).input_shape
+        assert (
+            written.stat().st_size > 10_000
+            and OnnxClassifier(written).input_shape == OnnxClassifier(exported[0]).input_shape
+        )
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
 def test_sigterm_during_export_leaves_no_temporary_file(run_dir, tmp_path):
     _needs_onnx()
     out = tmp_path / "m.onnx"
-    proc = subprocess.Popen([sys.executable, "-m", "resnetlab", "export", str(run_dir), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnetlab", "export", str(run_dir), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".m.onnx.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -217,8 +243,10 @@ def test_sigterm_during_export_leaves_no_temporary_file(run_dir, tmp_path):
 def test_unwritable_out_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):
     _needs_onnx()
     (tmp_path / "file").write_text("not a directory")
-    cases = [(tmp_path / "file" / "m.onnx", f"{tmp_path / 'file'} is a file, not a directory"),
-             (tmp_path / "file" / "sub" / "m.onnx", f"{tmp_path / 'file'} is a file, not a directory")]  # fmt: skip
+    cases = [
+        (tmp_path / "file" / "m.onnx", f"{tmp_path / 'file'} is a file, not a directory"),
+        (tmp_path / "file" / "sub" / "m.onnx", f"{tmp_path / 'file'} is a file, not a directory"),
+    ]
     if Path("/proc/self").is_dir():  # Linux: a file system where nothing can be created
         cases.append((Path("/proc/m.onnx"), "cannot create files in /proc ("))
     for out, reason in cases:
@@ -289,13 +317,17 @@ def test_pillow_warning_is_one_line(exported, run_dir, tmp_path, monkeypatch, ca
 
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((12, 12), np.uint8)).save(big)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: over the limit (a warning), under twice it (an error)
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 100
+    )  # 144 pixels: over the limit (a warning), under twice it (an error)
     shown = warnings.showwarning
     for model in (["--onnx", str(exported[0])], [str(run_dir)]):
         assert main(["predict", *model, str(big)]) == 0
         err = capsys.readouterr().err
-        assert err == ("resnetlab: warning: Image size (144 pixels) exceeds limit of 100 pixels, could be decompression "
-                       "bomb DOS attack. (DecompressionBombWarning)\n")  # fmt: skip
+        assert err == (
+            "resnetlab: warning: Image size (144 pixels) exceeds limit of 100 pixels, could be decompression "
+            "bomb DOS attack. (DecompressionBombWarning)\n"
+        )
     assert warnings.showwarning is shown  # only the command's own warnings are reworded
 
 
@@ -304,9 +336,13 @@ def test_a_warning_with_stderr_closed_leaves_json_output_alone(exported, tmp_pat
     from PIL import Image
 
     Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "big.png")
-    code = ("from PIL import Image; Image.MAX_IMAGE_PIXELS = 100; from resnetlab.cli import main; "
-            f"raise SystemExit(main(['predict', '--onnx', {str(exported[0])!r}, {str(tmp_path / 'big.png')!r}, '--json']))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2), timeout=120)
+    code = (
+        "from PIL import Image; Image.MAX_IMAGE_PIXELS = 100; from resnetlab.cli import main; "
+        f"raise SystemExit(main(['predict', '--onnx', {str(exported[0])!r}, {str(tmp_path / 'big.png')!r}, '--json']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2), timeout=120
+    )
     assert done.returncode == 0 and json.loads(done.stdout)[0]["image"] == str(tmp_path / "big.png")
 
 
@@ -395,8 +431,10 @@ def _foreign_onnx(path: Path, op: str, metadata: dict[str, str]) -> Path:
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    model = helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 18)])  # fmt: skip
+    model = helper.make_model(
+        helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     model.ir_version = 8
     for k, v in metadata.items():
         model.metadata_props.add(key=k, value=v)
@@ -410,10 +448,14 @@ def test_onnx_models_that_are_no_classifier_are_refused_at_load(tmp_path):
     from resnetlab.onnx_runtime import OnnxClassifier
 
     identity = _foreign_onnx(tmp_path / "id.onnx", "Identity", {})  # outputs the image itself
-    with pytest.raises(CheckpointError, match=r"outputs shape \[1, 1, 4, 4\] for one image; a classifier outputs 1 x 4 logits"):
+    with pytest.raises(
+        CheckpointError, match=r"outputs shape \[1, 1, 4, 4\] for one image; a classifier outputs 1 x 4 logits"
+    ):
         OnnxClassifier(identity)
     three_names = _foreign_onnx(tmp_path / "flat.onnx", "Flatten", {"classes": '["a", "b", "c"]'})  # 16 logits, 3 names
-    with pytest.raises(CheckpointError, match=r"outputs shape \[1, 16\] for one image; a classifier outputs 1 x 3 logits"):
+    with pytest.raises(
+        CheckpointError, match=r"outputs shape \[1, 16\] for one image; a classifier outputs 1 x 3 logits"
+    ):
         OnnxClassifier(three_names)
     assert OnnxClassifier(_foreign_onnx(tmp_path / "ok.onnx", "Flatten", {})).classes == [str(i) for i in range(16)]
 
@@ -434,8 +476,9 @@ def test_verification_falls_back_to_random_images_and_says_so():
     assert source.startswith("5 random images") and "not loaded" in source
 
 
-def test_double_dash_still_ends_the_options(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_double_dash_still_ends_the_options(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # after "--" a positional may start with a dash; intermixed parsing lost it ("checkpoint is required")
     (tmp_path / "-run").symlink_to(run_dir)
     monkeypatch.chdir(tmp_path)
@@ -443,8 +486,9 @@ def test_double_dash_still_ends_the_options(run_dir: Path, tmp_path: Path, monke
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] > 0
 
 
-def test_options_may_come_before_a_double_dash_that_follows_positionals(run_dir: Path, tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_options_may_come_before_a_double_dash_that_follows_positionals(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # `predict RUN --topk 1 -- IMG` was "unrecognized arguments: -- IMG": "--" turned intermixed parsing off
     from PIL import Image
 
@@ -454,16 +498,35 @@ def test_options_may_come_before_a_double_dash_that_follows_positionals(run_dir:
     assert len(rows) == 1 and len(rows[0]["top"]) == 1
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["train", "--epochs", "x"], "resnetlab train: error: argument --epochs: invalid int value: 'x'; see resnetlab train --help"),
-    (["predict", "RUN", "--topk", "--", "1"], "resnetlab predict: error: argument --topk: expected one argument; see"),
-    (["predict", "RUN", "--top", "--", "1"], "resnetlab predict: error: argument --topk: expected one argument; see"),
-    (["bench", "time-to-accuracy", "--seeds", "1", "3"],
-     "resnetlab bench time-to-accuracy: error: unrecognized arguments: 3; see resnetlab bench time-to-accuracy --help"),
-    (["bench", "train", "--steps", "x"], "resnetlab bench train: error: argument --steps: invalid int value: 'x'; see"),
-    ([], "resnetlab: error: the following arguments are required: COMMAND; see resnetlab --help"),
-])  # fmt: skip
-def test_a_usage_error_is_one_line_that_names_help(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["train", "--epochs", "x"],
+            "resnetlab train: error: argument --epochs: invalid int value: 'x'; see resnetlab train --help",
+        ),
+        (
+            ["predict", "RUN", "--topk", "--", "1"],
+            "resnetlab predict: error: argument --topk: expected one argument; see",
+        ),
+        (
+            ["predict", "RUN", "--top", "--", "1"],
+            "resnetlab predict: error: argument --topk: expected one argument; see",
+        ),
+        (
+            ["bench", "time-to-accuracy", "--seeds", "1", "3"],
+            "resnetlab bench time-to-accuracy: error: unrecognized arguments: 3; see resnetlab bench time-to-accuracy --help",
+        ),
+        (
+            ["bench", "train", "--steps", "x"],
+            "resnetlab bench train: error: argument --steps: invalid int value: 'x'; see",
+        ),
+        ([], "resnetlab: error: the following arguments are required: COMMAND; see resnetlab --help"),
+    ],
+)
+def test_a_usage_error_is_one_line_that_names_help(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     # it was the whole usage block first (20 lines for train), then the error
     with pytest.raises(SystemExit) as stop:
         main(argv)
@@ -472,7 +535,9 @@ def test_a_usage_error_is_one_line_that_names_help(argv: list[str], says: str, c
     assert err.count("\n") == 1 and err.startswith(says)
 
 
-def test_torchrun_workers_report_what_every_rank_says_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_torchrun_workers_report_what_every_rank_says_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Ctrl-C under --nproc N printed the same "interrupted ..." line N times; a worker whose peer died printed a
     # 20-line gloo traceback
     import signal as signals
@@ -488,8 +553,11 @@ def test_torchrun_workers_report_what_every_rank_says_once(monkeypatch: pytest.M
     def lost(args):  # noqa: ANN001, ANN202
         raise torch.distributed.DistBackendError("[../gloo/transport/tcp/pair.cc:538] Connection closed by peer\nmore")
 
-    for rank, handler, code, says in [("1", interrupted, 130, ""), ("0", interrupted, 130, "resnetlab: error: interrupted at epoch 1"),
-                                      ("1", lost, 1, "resnetlab: error: process 1 lost the other processes ([../gloo")]:  # fmt: skip
+    for rank, handler, code, says in [
+        ("1", interrupted, 130, ""),
+        ("0", interrupted, 130, "resnetlab: error: interrupted at epoch 1"),
+        ("1", lost, 1, "resnetlab: error: process 1 lost the other processes ([../gloo"),
+    ]:
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setattr(cli, "_handler", lambda command, handler=handler: handler)
         assert cli.main(["models"]) == code
@@ -497,7 +565,9 @@ def test_torchrun_workers_report_what_every_rank_says_once(monkeypatch: pytest.M
         assert err.startswith(says) and err.count("\n") == (1 if says else 0)
 
 
-@pytest.mark.parametrize("argv", [["models"], ["train", "--subset", "256", "--epochs", "2", "--width", "8", "--out", "OUT"]])
+@pytest.mark.parametrize(
+    "argv", [["models"], ["train", "--subset", "256", "--epochs", "2", "--width", "8", "--out", "OUT"]]
+)
 def test_stdout_closed_early_stops_quietly(argv: list[str], tmp_path: Path) -> None:
     # `resnetlab models | head -1` ended in a BrokenPipeError traceback (it is an OSError, caught as one first)
     argv = [str(tmp_path / "run") if a == "OUT" else a for a in argv]
@@ -514,7 +584,9 @@ def test_stdout_closed_early_stops_quietly(argv: list[str], tmp_path: Path) -> N
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux's /proc")
-def test_checkpoints_that_cannot_be_read_or_are_not_checkpoints_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_checkpoints_that_cannot_be_read_or_are_not_checkpoints_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # reading /proc/self/mem at offset 0 fails with EIO: it was an OSError traceback
     (tmp_path / "eio").mkdir()
     (tmp_path / "eio" / "last.safetensors").symlink_to("/proc/self/mem")
@@ -523,11 +595,15 @@ def test_checkpoints_that_cannot_be_read_or_are_not_checkpoints_are_one_line(tmp
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "boot.png")
     (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "last.safetensors").write_bytes(b"")  # what a full disk may leave: truncated, not "another format"
-    for target, says in [(tmp_path / "eio", "cannot be read (Input/output error); check the disk"),
-                         (tmp_path / "empty", "it may be truncated"),
-                         (tmp_path / "boot.png", "is not a resnetlab checkpoint (not a safetensors file)"),
-                         (tmp_path / "m.onnx", "an ONNX export runs with `resnetlab predict --onnx`")]:  # fmt: skip
+    (tmp_path / "empty" / "last.safetensors").write_bytes(
+        b""
+    )  # what a full disk may leave: truncated, not "another format"
+    for target, says in [
+        (tmp_path / "eio", "cannot be read (Input/output error); check the disk"),
+        (tmp_path / "empty", "it may be truncated"),
+        (tmp_path / "boot.png", "is not a resnetlab checkpoint (not a safetensors file)"),
+        (tmp_path / "m.onnx", "an ONNX export runs with `resnetlab predict --onnx`"),
+    ]:
         assert main(["eval", str(target)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err

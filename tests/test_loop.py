@@ -33,7 +33,9 @@ def test_tiny_model_learns(tiny_run) -> None:
     assert tiny_run.test_acc > 0.5  # chance is 0.1
 
 
-def test_eval_every_tests_only_the_chosen_epochs_and_trains_the_same(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_every_tests_only_the_chosen_epochs_and_trains_the_same(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     every = train("fast", out=tmp_path / "every", **{**TINY, "epochs": 3, "eval_every": 1})
     capsys.readouterr()
     second = train("fast", out=tmp_path / "second", **{**TINY, "epochs": 3, "eval_every": 2})
@@ -43,12 +45,15 @@ def test_eval_every_tests_only_the_chosen_epochs_and_trains_the_same(tmp_path: P
     # the test passes change nothing in training: the same losses and final accuracy as testing every epoch
     assert [r["train_loss"] for r in second.history] == [r["train_loss"] for r in every.history]
     assert second.test_acc == every.test_acc and second.history[1]["test_acc"] == every.history[1]["test_acc"]
-    assert (tmp_path / "second" / "metrics.csv").read_text().splitlines()[1].split(",")[3] == ""  # no test acc for epoch 1
+    assert (tmp_path / "second" / "metrics.csv").read_text().splitlines()[1].split(",")[
+        3
+    ] == ""  # no test acc for epoch 1
     assert (tmp_path / "second" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize(("epochs", "sizes", "expected"), [(3, "16,20", [16, 20, 24]), (3, "12", [12, 24, 24]),
-                                                       (2, "none", [24, 24])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("epochs", "sizes", "expected"), [(3, "16,20", [16, 20, 24]), (3, "12", [12, 24, 24]), (2, "none", [24, 24])]
+)
 def test_progressive_sizes_train_the_early_epochs_smaller_and_the_last_at_the_test_size(
     epochs: int, sizes: str, expected: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -61,17 +66,38 @@ def test_progressive_sizes_train_the_early_epochs_smaller_and_the_last_at_the_te
         return x
 
     monkeypatch.setattr(loop_module, "train_inputs", recording)
-    result = train("fast", out=tmp_path / "run", **{**TINY, "subset": 128, "epochs": epochs, "progressive_sizes": sizes})
+    result = train(
+        "fast", out=tmp_path / "run", **{**TINY, "subset": 128, "epochs": epochs, "progressive_sizes": sizes}
+    )
     assert seen == [size for size in expected for _ in range(2)]  # 2 steps of 64 per epoch
     assert len(result.history) == epochs and result.test_acc is not None  # tested at 24 px
 
 
 def test_d2l_output_has_the_chapters_two_lines(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "resnetlab", "train", "--recipe", "d2l", "--subset", "256", "--epochs", "1",
-         "--resize", "32", "--width", "8", "--out", str(tmp_path / "d2l")],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "resnetlab",
+            "train",
+            "--recipe",
+            "d2l",
+            "--subset",
+            "256",
+            "--epochs",
+            "1",
+            "--resize",
+            "32",
+            "--width",
+            "8",
+            "--out",
+            str(tmp_path / "d2l"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert re.fullmatch(r"training on cpu \([\w -]+, \d+ threads\): fp32", lines[0])  # the chapter's recipe: fp32, NCHW
@@ -107,17 +133,29 @@ def _wait_for_checkpoints(proc: subprocess.Popen, path: Path, count: int, timeou
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_sigkill_and_resume_is_bit_identical(precision: str, tmp_path: Path) -> None:
     reference = tmp_path / "uninterrupted"
-    subprocess.run(_train_cmd(reference, "--precision", precision), check=True, env=ENV, capture_output=True, timeout=300)
+    subprocess.run(
+        _train_cmd(reference, "--precision", precision), check=True, env=ENV, capture_output=True, timeout=300
+    )
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed, "--checkpoint-every", "1", "--precision", precision), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _train_cmd(killed, "--checkpoint-every", "1", "--precision", precision),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _wait_for_checkpoints(proc, killed / "last.safetensors", 5)  # mid-epoch 1 (8 steps per epoch)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     _, meta = read_checkpoint(killed)
     assert meta["position"]["epoch"] in (0, 1) and len(meta["history"]) == meta["position"]["epoch"]
-    resumed = subprocess.run([sys.executable, "-m", "resnetlab", "train", "--resume", str(killed)],
-                             env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "resnetlab", "train", "--resume", str(killed)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     a, b = _model_tensors(reference), _model_tensors(killed)
@@ -128,12 +166,19 @@ def test_sigkill_and_resume_is_bit_identical(precision: str, tmp_path: Path) -> 
     assert [(r["train_loss"], r["test_acc"]) for r in rows] == [(r["train_loss"], r["test_acc"]) for r in ref_rows]
 
 
-@pytest.mark.parametrize("signum, says", [(signal.SIGINT, "interrupted at epoch"), (signal.SIGTERM, "terminated (SIGTERM) at epoch")])
+@pytest.mark.parametrize(
+    "signum, says", [(signal.SIGINT, "interrupted at epoch"), (signal.SIGTERM, "terminated (SIGTERM) at epoch")]
+)
 def test_ctrl_c_and_sigterm_save_and_exit_128_plus_the_signal(signum: int, says: str, tmp_path: Path) -> None:
     # SIGTERM (timeout, kill, Slurm and Kubernetes before they kill) ended the run without a checkpoint
     out = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(out, "--checkpoint-every", "1000", "--subset", "2048"), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _train_cmd(out, "--checkpoint-every", "1000", "--subset", "2048"),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while "epoch 1/" not in (line := proc.stdout.readline()):  # the first epoch checkpoints; then signal mid-epoch 2
         assert line, proc.stderr.read()
     proc.send_signal(signum)
@@ -142,27 +187,38 @@ def test_ctrl_c_and_sigterm_save_and_exit_128_plus_the_signal(signum: int, says:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and says in lines[0] and "--resume" in lines[0]
     _, meta = read_checkpoint(out)
-    assert meta["position"]["epoch"] == 1 and meta["position"]["step"] > 0  # saved at the signal, not at the epoch's end
+    assert (
+        meta["position"]["epoch"] == 1 and meta["position"]["step"] > 0
+    )  # saved at the signal, not at the epoch's end
 
 
 def test_ctrl_c_before_a_force_runs_first_checkpoint_puts_the_old_run_back(tiny_run, tmp_path: Path) -> None:
     # the interrupt's checkpoint counted as the first one, and a mistaken --force stopped at once lost the old run
     out = tmp_path / "run"
     before = _copy_run(tiny_run.run_dir, out)
-    proc = subprocess.Popen(_train_cmd(out, "--force", "--subset", "2048"), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _train_cmd(out, "--force", "--subset", "2048"),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while "training on" not in (line := proc.stdout.readline()):
         assert line, proc.stderr.read()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and f"before this run's first checkpoint; {out} holds the run it was replacing again" in lines[0]
+    assert (
+        len(lines) == 1
+        and f"before this run's first checkpoint; {out} holds the run it was replacing again" in lines[0]
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_a_signal_during_the_first_test_pass_of_a_force_run_puts_the_old_run_back(tiny_run, tmp_path: Path,
-                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_signal_during_the_first_test_pass_of_a_force_run_puts_the_old_run_back(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # only steps checked the flag: epoch 1's test pass went on to checkpoint, which deleted the old run
     out = tmp_path / "run"
     before = _copy_run(tiny_run.run_dir, out)
@@ -173,7 +229,9 @@ def test_a_signal_during_the_first_test_pass_of_a_force_run_puts_the_old_run_bac
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop_module, "evaluate", interrupted)
-    with pytest.raises(loop_module.TrainingInterrupted, match="before this run's first checkpoint; .* holds the run it was replacing"):
+    with pytest.raises(
+        loop_module.TrainingInterrupted, match="before this run's first checkpoint; .* holds the run it was replacing"
+    ):
         train("fast", out=out, force=True, **{**TINY, "subset": 128})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -196,14 +254,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
     assert all(torch.isfinite(v).all() for k, v in _model_tensors(out).items() if v.is_floating_point())
 
 
-def test_resume_repairs_metrics_and_curves_and_keeps_the_config(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_repairs_metrics_and_curves_and_keeps_the_config(
+    tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run)
     config = (run / "config.json").read_bytes()
     metrics = (run / "metrics.jsonl").read_text()
-    (run / "metrics.jsonl").write_text("".join(metrics.splitlines(keepends=True)[:-1]))  # killed before the last row landed
+    (run / "metrics.jsonl").write_text(
+        "".join(metrics.splitlines(keepends=True)[:-1])
+    )  # killed before the last row landed
     (run / "curves.png").unlink()
     assert main(["train", "--resume", str(run)]) == 0
     assert f"{run} finished its 3 epochs; evaluating it again" in capsys.readouterr().out
@@ -211,7 +273,9 @@ def test_resume_repairs_metrics_and_curves_and_keeps_the_config(tiny_run, tmp_pa
     assert (run / "config.json").read_bytes() == config  # the command and commit that started it
 
 
-def test_resume_of_a_finished_run_evaluates_it_again(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_of_a_finished_run_evaluates_it_again(
+    tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # it said "evaluating it again" and reported the accuracy stored in its history
     from resnetlab.checkpoint import save_checkpoint
 

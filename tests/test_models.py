@@ -224,12 +224,33 @@ def test_state_dict_roundtrip_strict():
 def test_resnet_layout_and_shapes():
     model = create_model("resnet18")
     names = [n for n, _ in model.named_children()]
-    assert names == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "flatten", "fc"]
+    assert names == [
+        "conv1",
+        "bn1",
+        "relu",
+        "maxpool",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "avgpool",
+        "flatten",
+        "fc",
+    ]
     shapes = layer_shapes(model, (1, 1, 224, 224))
     assert [n for n, _ in shapes] == [
-        "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Sequential", "Sequential", "Sequential", "Sequential",
-        "AdaptiveAvgPool2d", "Flatten", "Linear",
-    ]  # fmt: skip
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+        "Sequential",
+        "Sequential",
+        "Sequential",
+        "Sequential",
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Linear",
+    ]
     assert shapes[0][1] == (1, 64, 112, 112) and shapes[3][1] == (1, 64, 56, 56) and shapes[7][1] == (1, 512, 7, 7)
     assert shapes[-1][1] == (1, 10)
 
@@ -483,7 +504,9 @@ def test_smallest_input_really_runs():
     with torch.no_grad():
         assert model(torch.randn(1, 1, 1, 1)).shape == (1, 10)
     check_input_size(model, 1)
-    with pytest.raises(UsageError, match=r"^input 0x0 is too small for resnet18 \(stem imagenet\); the smallest it accepts is 1x1$"):
+    with pytest.raises(
+        UsageError, match=r"^input 0x0 is too small for resnet18 \(stem imagenet\); the smallest it accepts is 1x1$"
+    ):
         check_input_size(model, 0)
 
 

@@ -27,7 +27,9 @@ from resnetlab import device as device_mod
 from resnetlab.cli import main
 from resnetlab.train import load_checkpoint, train
 
-TINY = dict(model="resnet10", width=8, subset=512, batch_size=64, epochs=2, eval_every=1, resize=16, tta=True, progress=False)
+TINY = dict(
+    model="resnet10", width=8, subset=512, batch_size=64, epochs=2, eval_every=1, resize=16, tta=True, progress=False
+)
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
@@ -43,18 +45,21 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 # The CPU class and auto
 
 
-@pytest.mark.parametrize("flags, isa, expected", [
-    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, None, "AMX"),
-    ({"avx2", "avx512f", "avx512_bf16"}, None, "AVX-512 BF16"),
-    ({"avx2", "avx512f"}, None, "AVX-512"),
-    ({"avx2"}, None, "AVX2"),
-    ({"sse4_2"}, None, "baseline"),
-    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX2", "AVX2"),  # ONEDNN_MAX_CPU_ISA caps the kernels
-    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "avx512_core", "AVX-512"),
-    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512_CORE_BF16", "AVX-512 BF16"),
-    ({"avx2"}, "AVX512_CORE_AMX", "AVX2"),  # a cap never raises the class
-    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "DNNL_MAX_CPU_ISA=AVX2", "AVX2"),  # oneDNN's older name
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, isa, expected",
+    [
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, None, "AMX"),
+        ({"avx2", "avx512f", "avx512_bf16"}, None, "AVX-512 BF16"),
+        ({"avx2", "avx512f"}, None, "AVX-512"),
+        ({"avx2"}, None, "AVX2"),
+        ({"sse4_2"}, None, "baseline"),
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX2", "AVX2"),  # ONEDNN_MAX_CPU_ISA caps the kernels
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "avx512_core", "AVX-512"),
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512_CORE_BF16", "AVX-512 BF16"),
+        ({"avx2"}, "AVX512_CORE_AMX", "AVX2"),  # a cap never raises the class
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "DNNL_MAX_CPU_ISA=AVX2", "AVX2"),  # oneDNN's older name
+    ],
+)
 def test_cpu_class_and_auto(flags: set[str], isa: str | None, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(device_mod.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(device_mod, "cpu_flags", lambda: flags)
@@ -70,12 +75,17 @@ def test_cpu_class_and_auto(flags: set[str], isa: str | None, expected: str, mon
     assert device_mod.resolve_precision("fp32", cpu) == "fp32" and device_mod.resolve_precision("bf16", cpu) == "bf16"
 
 
-@pytest.mark.skipif(device_mod.cpu_flags() is None or device_mod.platform.machine() != "x86_64",
-                    reason="the class is read from /proc/cpuinfo on x86 Linux")
+@pytest.mark.skipif(
+    device_mod.cpu_flags() is None or device_mod.platform.machine() != "x86_64",
+    reason="the class is read from /proc/cpuinfo on x86 Linux",
+)
 def test_this_machine_has_a_class_that_matches_oneDNN() -> None:
     """The class read from the CPU flags agrees with oneDNN's own view of bf16."""
     kind = device_mod.cpu_class()
-    if kind in ("AMX", "AVX-512 BF16"):  # oneDNN also calls AVX-512 without BF16 "supported" (emulated), so one way only
+    if kind in (
+        "AMX",
+        "AVX-512 BF16",
+    ):  # oneDNN also calls AVX-512 without BF16 "supported" (emulated), so one way only
         assert torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -136,14 +146,21 @@ def test_a_checkpoint_gives_the_same_probabilities_with_every_cpu_class_of_kerne
         env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
         if isa:
             env["ONEDNN_MAX_CPU_ISA"] = isa
-        proc = subprocess.run([sys.executable, "-c", PROBABILITIES, str(result.run_dir)], env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", PROBABILITIES, str(result.run_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         probabilities.append(torch.tensor(json.loads(proc.stdout)))
     assert (probabilities[0] - probabilities[1]).abs().max().item() <= 1e-5
 
 
-def test_export_matches_the_checkpoint_and_predict_agrees(run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_matches_the_checkpoint_and_predict_agrees(
+    run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(name)
     from PIL import Image
@@ -171,7 +188,9 @@ def test_export_matches_the_checkpoint_and_predict_agrees(run, tmp_path: Path, c
     by_onnx = json.loads(capsys.readouterr().out)
     for t, o in zip(by_torch, by_onnx):
         assert [x["class"] for x in t["top"]] == [x["class"] for x in o["top"]]
-        assert np.allclose([x["probability"] for x in t["top"]], [x["probability"] for x in o["top"]], atol=1e-5, rtol=0)
+        assert np.allclose(
+            [x["probability"] for x in t["top"]], [x["probability"] for x in o["top"]], atol=1e-5, rtol=0
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +198,9 @@ def test_export_matches_the_checkpoint_and_predict_agrees(run, tmp_path: Path, c
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_bf16_inference_is_opt_in_and_warned_where_emulated(native: bool, run, capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_bf16_inference_is_opt_in_and_warned_where_emulated(
+    native: bool, run, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, result, _ = run
     monkeypatch.setattr(device_mod, "cpu_class", lambda: "AMX" if native else "AVX2")
     assert main(["eval", str(result.run_dir), "--precision", "bf16", "--json"]) == 0
@@ -188,7 +208,9 @@ def test_bf16_inference_is_opt_in_and_warned_where_emulated(native: bool, run, c
     warned = [line for line in err.splitlines() if "no native bf16" in line]
     assert len(warned) == (0 if native else 1)
     if not native:
-        assert warned[0] == ("resnetlab: warning: this CPU (AVX2) has no native bf16; it is emulated here, several times "
-                             "slower than fp32 (--precision fp32 is the fast one)")  # fmt: skip
+        assert warned[0] == (
+            "resnetlab: warning: this CPU (AVX2) has no native bf16; it is emulated here, several times "
+            "slower than fp32 (--precision fp32 is the fast one)"
+        )
     assert main(["eval", str(result.run_dir), "--json"]) == 0
     assert "no native bf16" not in capsys.readouterr().err  # fp32, the default, says nothing

@@ -128,18 +128,42 @@ def test_weights_with_nan_are_refused_before_training(source, tmp_path, capsys):
     torch.save(sd, path)
     net = create_model("resnet18", num_classes=1000, in_chans=3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"holds non-finite \(NaN or inf\) weights in 1 tensor\(s\), e.g. layer2.0.conv1.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"holds non-finite \(NaN or inf\) weights in 1 tensor\(s\), e.g. layer2.0.conv1.weight"
+    ):
         load_pretrained(net, path)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     out = tmp_path / "run"
-    assert main(["train", "--model", "resnet18", "--width", "64", "--stem", "imagenet", "--subset", "64", "--epochs", "1",
-                 "--init-from", str(path), "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet18",
+                "--width",
+                "64",
+                "--stem",
+                "imagenet",
+                "--subset",
+                "64",
+                "--epochs",
+                "1",
+                "--init-from",
+                str(path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "non-finite" in err and "--lr" not in err and not out.exists()
 
 
 def test_width_mismatch_names_the_files_width(weights):
-    with pytest.raises(CheckpointError, match="width 64.*conv1.weight file \\(64, 3, 7, 7\\) vs model \\(8, 3, 7, 7\\)"):
+    with pytest.raises(
+        CheckpointError, match="width 64.*conv1.weight file \\(64, 3, 7, 7\\) vs model \\(8, 3, 7, 7\\)"
+    ):
         load_pretrained(create_model("resnet18", num_classes=1000, in_chans=3, width=8), weights["pth"])
 
 
@@ -233,10 +257,35 @@ def test_train_init_from_fine_tunes_from_the_weights(weights, tmp_path):
             Image.fromarray(a.astype(np.uint8), "RGB").save(tmp_path / "data" / name / f"{i}.png")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["train", "--dataset", f"folder:{tmp_path / 'data'}", "--model", "resnet18", "--stem", "imagenet",
-                     "--width", "64", "--epochs", "1", "--batch-size", "32", "--lr", "1e-6", "--device", "cpu",
-                     "--precision", "fp32", "--no-tta", "--no-compile", "--init-from", str(weights["pth"]),
-                     "--out", str(tmp_path / "run")])  # fmt: skip
+        code = main(
+            [
+                "train",
+                "--dataset",
+                f"folder:{tmp_path / 'data'}",
+                "--model",
+                "resnet18",
+                "--stem",
+                "imagenet",
+                "--width",
+                "64",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--lr",
+                "1e-6",
+                "--device",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--no-tta",
+                "--no-compile",
+                "--init-from",
+                str(weights["pth"]),
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
     assert code == 0
     assert "fc reset: the file has 1000 classes, the model 2" in out.getvalue()
     classifier = load_checkpoint(tmp_path / "run")
@@ -250,14 +299,26 @@ def test_train_init_from_fine_tunes_from_the_weights(weights, tmp_path):
 
 def _checkpoint(path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
     """A resnetlab checkpoint of a width-8 resnet10 (no training), its metadata changed or without ``drop``."""
-    from resnetlab.data import Preprocess
     from resnetlab.checkpoint import save_checkpoint
+    from resnetlab.data import Preprocess
 
     net = create_model("resnet10", width=8, stem="small")
-    meta = {"model": {"name": net.name, "options": net.options}, "classes": [str(i) for i in range(10)],
-            "input_shape": [1, 28, 28], "preprocessing": Preprocess(None, [0.0], [1.0]).config(), "dataset": "fashion-mnist", "recipe": {},
-            "position": {"epoch": 0, "step": 0}, "sums": {}, "history": [], "optimizer": [], **changes}  # fmt: skip
-    save_checkpoint(path, {f"model.{k}": v for k, v in net.state_dict().items()}, {k: v for k, v in meta.items() if k not in drop})
+    meta = {
+        "model": {"name": net.name, "options": net.options},
+        "classes": [str(i) for i in range(10)],
+        "input_shape": [1, 28, 28],
+        "preprocessing": Preprocess(None, [0.0], [1.0]).config(),
+        "dataset": "fashion-mnist",
+        "recipe": {},
+        "position": {"epoch": 0, "step": 0},
+        "sums": {},
+        "history": [],
+        "optimizer": [],
+        **changes,
+    }
+    save_checkpoint(
+        path, {f"model.{k}": v for k, v in net.state_dict().items()}, {k: v for k, v in meta.items() if k not in drop}
+    )
     return path
 
 
@@ -265,8 +326,11 @@ def test_checkpoint_whose_metadata_does_not_fit_its_weights_is_one_line(tmp_path
     assert load_checkpoint(_checkpoint(tmp_path / "good.safetensors")).classes[0] == "0"
     options = {**create_model("resnet10", width=8, stem="small").options, "width": 16}
     wide = _checkpoint(tmp_path / "wide.safetensors", model={"name": "resnet10", "options": options})
-    with pytest.raises(CheckpointError, match=r"do not fit the resnet10 .*'width': 16.* \(conv1.weight is \(8, 1, 3, 3\) in "
-                                              r"the file, \(16, 1, 3, 3\) in the model\); the checkpoint is damaged"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"do not fit the resnet10 .*'width': 16.* \(conv1.weight is \(8, 1, 3, 3\) in "
+        r"the file, \(16, 1, 3, 3\) in the model\); the checkpoint is damaged",
+    ):
         load_checkpoint(wide)
     bare = _checkpoint(tmp_path / "nomodel.safetensors", drop=("model", "classes"))
     with pytest.raises(CheckpointError, match=r"incomplete resnetlab metadata \(no model, classes\)"):

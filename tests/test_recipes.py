@@ -9,9 +9,25 @@ from resnetlab.train import RECIPES
 
 def test_d2l_recipe_matches_the_chapter() -> None:
     r = RECIPES["d2l"]
-    chapter = dict(model="d2l_resnet18", dataset="fashion-mnist", epochs=10, batch_size=256, lr=0.05, resize=96,
-                   optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant", label_smoothing=0.0,
-                   augment="none", normalize=False, init="xavier", precision="fp32", tta=False, subset=0)  # fmt: skip
+    chapter = dict(
+        model="d2l_resnet18",
+        dataset="fashion-mnist",
+        epochs=10,
+        batch_size=256,
+        lr=0.05,
+        resize=96,
+        optimizer="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        label_smoothing=0.0,
+        augment="none",
+        normalize=False,
+        init="xavier",
+        precision="fp32",
+        tta=False,
+        subset=0,
+    )
     assert {k: getattr(r, k) for k in chapter} == chapter
 
 
@@ -34,7 +50,28 @@ def test_every_recipe_field_has_a_train_flag() -> None:
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
     assert set(RECIPE_FLAGS) == fields
     assert fields <= set(vars(build_parser().parse_args(["train"])))  # the parser has a flag for each
-    args = build_parser().parse_args(["train", "--no-nesterov", "--warmup", "0.1", "--crop-padding", "3", "--normalize",
-                                      "--init", "xavier", "--zero-init-residual", "--eval-batch-size", "7"])  # fmt: skip
-    assert (args.nesterov, args.warmup, args.crop_padding, args.normalize, args.init, args.zero_init_residual,
-            args.eval_batch_size) == (False, 0.1, 3, True, "xavier", True, 7)  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--no-nesterov",
+            "--warmup",
+            "0.1",
+            "--crop-padding",
+            "3",
+            "--normalize",
+            "--init",
+            "xavier",
+            "--zero-init-residual",
+            "--eval-batch-size",
+            "7",
+        ]
+    )
+    assert (
+        args.nesterov,
+        args.warmup,
+        args.crop_padding,
+        args.normalize,
+        args.init,
+        args.zero_init_residual,
+        args.eval_batch_size,
+    ) == (False, 0.1, 3, True, "xavier", True, 7)

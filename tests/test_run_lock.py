@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from resnetlab.checkpoint import read_checkpoint
 from resnetlab.cli import main
 from resnetlab.errors import UsageError
 from resnetlab.train import NonFiniteLoss, train
 from resnetlab.train import commands as commands_module
 from resnetlab.train import loop as loop_module
-from resnetlab.checkpoint import read_checkpoint
 from resnetlab.train.rundir import LOCK_NAME, RUN_FILES, check_not_in_use
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -39,12 +39,31 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _tiny(dataset: str) -> dict:
-    return dict(dataset=dataset, model="resnet10", width=8, resize=16, batch_size=4, epochs=1, precision="fp32", progress=False)
+    return dict(
+        dataset=dataset, model="resnet10", width=8, resize=16, batch_size=4, epochs=1, precision="fp32", progress=False
+    )
 
 
 def _flags(dataset: str) -> list[str]:
-    return ["--recipe", "fast", "--dataset", dataset, "--model", "resnet10", "--width", "8", "--resize", "16",
-            "--batch-size", "4", "--epochs", "1", "--precision", "fp32"]  # fmt: skip
+    return [
+        "--recipe",
+        "fast",
+        "--dataset",
+        dataset,
+        "--model",
+        "resnet10",
+        "--width",
+        "8",
+        "--resize",
+        "16",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+    ]
+
 
 # A real `resnetlab train` in its own process, which stops at a known point (stdin says when to go on;
 # its end, EOF, lets it run to the end): "start" before it starts, "config" once it has locked its
@@ -79,9 +98,15 @@ class LiveRun:
 
     def __init__(self, stops: str, dataset: str, out: Path, *flags: str, cwd: Path) -> None:
         self.out = out
-        self.proc = subprocess.Popen([sys.executable, "-c", LIVE_RUN, stops, *_flags(dataset), "--out", str(out), *flags],
-                                     env=ENV, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LIVE_RUN, stops, *_flags(dataset), "--out", str(out), *flags],
+            env=ENV,
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
@@ -118,7 +143,8 @@ class LiveRun:
 
 def _files(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} | {
-        p.name + "/": b"" for p in run_dir.iterdir() if p.is_dir()}  # fmt: skip
+        p.name + "/": b"" for p in run_dir.iterdir() if p.is_dir()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +159,18 @@ def live_run(dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         run.kill()
 
 
-@pytest.mark.parametrize("flags", [["--out"], ["--force", "--out"], ["--resume"], ["--nproc", "2", "--force", "--out"]],
-                         ids=["out", "force", "resume", "nproc-launcher"])  # fmt: skip
-def test_a_second_train_on_a_live_runs_directory_is_refused_naming_its_pid(flags: list[str], live_run: LiveRun, dataset: str,
-                                                                           capsys: pytest.CaptureFixture[str],
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "flags",
+    [["--out"], ["--force", "--out"], ["--resume"], ["--nproc", "2", "--force", "--out"]],
+    ids=["out", "force", "resume", "nproc-launcher"],
+)
+def test_a_second_train_on_a_live_runs_directory_is_refused_naming_its_pid(
+    flags: list[str],
+    live_run: LiveRun,
+    dataset: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     out = live_run.out
     before = _files(out)
     monkeypatch.setattr(commands_module, "_launch_torchrun", lambda nproc: pytest.fail("the launcher started workers"))
@@ -151,8 +184,9 @@ def test_a_second_train_on_a_live_runs_directory_is_refused_naming_its_pid(flags
     assert live_run.proc.poll() is None
 
 
-def test_eval_predict_and_export_run_beside_a_live_run(live_run: LiveRun, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_eval_predict_and_export_run_beside_a_live_run(
+    live_run: LiveRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(name)
     out = live_run.out
@@ -172,8 +206,9 @@ def test_eval_predict_and_export_run_beside_a_live_run(live_run: LiveRun, tmp_pa
 
 
 @pytest.mark.parametrize("stop", ["config", "checkpoint"])
-def test_a_run_killed_by_sigkill_leaves_no_lock(stop: str, dataset: str, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_run_killed_by_sigkill_leaves_no_lock(
+    stop: str, dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     run = LiveRun(stop, dataset, out, "--checkpoint-every", "1", cwd=tmp_path)
     try:
@@ -205,7 +240,9 @@ def test_two_runs_started_in_the_same_instant_on_one_new_out(dataset: str, tmp_p
         for run in runs.values():
             run.go()
         deadline = time.monotonic() + 180
-        while not (any(r.proc.poll() is not None for r in runs.values()) and any(r.says("PAUSED") for r in runs.values())):
+        while not (
+            any(r.proc.poll() is not None for r in runs.values()) and any(r.says("PAUSED") for r in runs.values())
+        ):
             assert not all(r.says("PAUSED") for r in runs.values()), "both runs passed the lock and wrote config.json"
             assert time.monotonic() < deadline, "neither run was refused"
             time.sleep(0.01)

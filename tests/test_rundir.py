@@ -33,15 +33,19 @@ def test_run_directory_contents(tiny_run) -> None:
 
 
 @pytest.mark.parametrize("code, fix", [(28, "free some disk space"), (13, "check the permissions")])  # ENOSPC, EACCES
-def test_a_full_disk_or_a_forbidden_path_is_one_line(code: int, fix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_full_disk_or_a_forbidden_path_is_one_line(
+    code: int, fix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def fail(path: Path, data: bytes) -> None:
         raise OSError(code, os.strerror(code), str(path))
 
     monkeypatch.setattr("resnetlab.train.rundir.atomic_write_bytes", fail)  # config.json, the first file a run writes
     assert main(["train", *TINY_FLAGS, "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"resnetlab: error: {os.strerror(code)} ({tmp_path / 'r' / 'config.json'}); {fix}") and err.count("\n") == 1
+    assert (
+        err.startswith(f"resnetlab: error: {os.strerror(code)} ({tmp_path / 'r' / 'config.json'}); {fix}")
+        and err.count("\n") == 1
+    )
 
 
 def test_run_files_get_the_umask_mode_not_mkstemps_0600(tiny_run) -> None:
@@ -59,7 +63,9 @@ def test_existing_run_directory_is_not_overwritten(tiny_run, capsys: pytest.Capt
 
 
 @pytest.mark.parametrize("under", ["a-file", "a-long-name"])
-def test_run_directory_that_cannot_be_created_is_one_line(under: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_directory_that_cannot_be_created_is_one_line(
+    under: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if under == "a-file":
         (tmp_path / "g.png").write_bytes(b"png")
         out = tmp_path / "g.png" / "run"  # NotADirectoryError
@@ -72,9 +78,12 @@ def test_run_directory_that_cannot_be_created_is_one_line(under: str, tmp_path: 
     assert captured.out == ""  # before any training
 
 
-@pytest.mark.parametrize("flags", [["--subset", "100000000"], ["--resize", "8", "--model", "resnet18", "--stem", "imagenet"]])
-def test_force_keeps_the_old_run_until_the_new_one_passes_its_checks(flags: list[str], tiny_run, tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "flags", [["--subset", "100000000"], ["--resize", "8", "--model", "resnet18", "--stem", "imagenet"]]
+)
+def test_force_keeps_the_old_run_until_the_new_one_passes_its_checks(
+    flags: list[str], tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "runF"
     before = _copy_run(tiny_run.run_dir, out)
     assert main(["train", "--out", str(out), "--force", "--epochs", "1", *flags]) == 2
@@ -82,8 +91,9 @@ def test_force_keeps_the_old_run_until_the_new_one_passes_its_checks(flags: list
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # once deleted at the start, before the checks
 
 
-def test_an_out_through_a_missing_folder_and_dotdot_is_the_run_it_names(tiny_run, tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_an_out_through_a_missing_folder_and_dotdot_is_the_run_it_names(
+    tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # missing/../run is run: it exists, so without --force it is refused and kept (it was deleted)
     before = _copy_run(tiny_run.run_dir, tmp_path / "run")
     out = tmp_path / "missing" / ".." / "run"
@@ -93,7 +103,9 @@ def test_an_out_through_a_missing_folder_and_dotdot_is_the_run_it_names(tiny_run
     assert not (tmp_path / "missing").exists()
 
 
-def test_a_run_directory_without_a_checkpoint_is_not_offered_for_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_directory_without_a_checkpoint_is_not_offered_for_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # what a run killed before its first checkpoint leaves (SIGKILL cannot be caught to clean up)
     out = tmp_path / "killed"
     out.mkdir()
@@ -115,8 +127,9 @@ def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stale_aside", [False, True])
-def test_force_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpoint(stale_aside: bool, tiny_run, tmp_path: Path,
-                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_force_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpoint(
+    stale_aside: bool, tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # --force deleted the old run as the new one started: a new run that then failed left neither.
     out = tmp_path / "runF"
     (out / "model.onnx").parent.mkdir()
@@ -136,10 +149,16 @@ def test_force_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpo
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])
-@pytest.mark.parametrize("config, says", [(None, "holds files but no resnetlab run; a run needs a new or empty folder"),
-                                          ('{"mine": 1}', "holds config.json but no resnetlab run")])  # fmt: skip
-def test_a_folder_that_holds_no_run_is_refused_even_with_force(force: list[str], config: str | None, says: str, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        (None, "holds files but no resnetlab run; a run needs a new or empty folder"),
+        ('{"mine": 1}', "holds config.json but no resnetlab run"),
+    ],
+)
+def test_a_folder_that_holds_no_run_is_refused_even_with_force(
+    force: list[str], config: str | None, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # --force wrote a run's files into any folder without a config.json (as root, even /), and removed a
     # config.json or metrics.csv it had not written; without --force the error offered --force
     out = tmp_path / "project"
@@ -154,19 +173,27 @@ def test_a_folder_that_holds_no_run_is_refused_even_with_force(force: list[str],
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_a_force_run_killed_before_its_first_checkpoint_names_the_run_it_set_aside(tiny_run, tmp_path: Path,
-                                                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_force_run_killed_before_its_first_checkpoint_names_the_run_it_set_aside(
+    tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "runK"
-    before = _copy_run(tiny_run.run_dir, out / ".previous-run")  # what a SIGKILL between set-aside and checkpoint leaves
+    before = _copy_run(
+        tiny_run.run_dir, out / ".previous-run"
+    )  # what a SIGKILL between set-aside and checkpoint leaves
     (out / "config.json").write_bytes(before["config.json"])
     assert main(["train", *TINY_FLAGS, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"holds no checkpoint to resume (the run it was replacing is in {out / '.previous-run'})" in err
+    assert (
+        "\n" not in err
+        and f"holds no checkpoint to resume (the run it was replacing is in {out / '.previous-run'})" in err
+    )
     train("fast", out=out, force=True, **{**TINY, "subset": 64, "epochs": 1})  # --force replaces that old run too
     assert sorted(p.name for p in out.iterdir()) == sorted(before)
 
 
-def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_runs_started_in_the_same_second_get_their_own_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The default name has 1-second resolution, and both runs wrote into the one directory.
     from datetime import datetime
 
@@ -186,8 +213,9 @@ def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path:
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(existing: bool, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
+    existing: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = loop_module.train_inputs
     monkeypatch.setattr(loop_module, "train_inputs", lambda *a: real(*a) * float("nan"))
     out = tmp_path / "runs" / "nan"  # both directories made by the run, or out made by the user

@@ -50,7 +50,9 @@ def test_every_valid_seed_gives_valid_generators() -> None:
     split = Split(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, dtype=torch.int64), ["a"])
     for seed in (20_000, 50_000, -1, MIN_SEED, MAX_SEED):
         loop_module.augment_generator(seed, 10_000, 100_000, 1_023).initial_seed()
-        assert len(list(BatchLoader(split, 2, shuffle=True, seed=seed).batches(10_000))) == 3  # the shuffle's own derivation
+        assert (
+            len(list(BatchLoader(split, 2, shuffle=True, seed=seed).batches(10_000))) == 3
+        )  # the shuffle's own derivation
         torch.Generator().manual_seed(seed)  # the initialisation's and the subset's
     # Seeds that always worked keep their exact generators (resumed runs and published figures depend on them).
     for seed, epoch, step, rank in [(0, 0, 0, 0), (3, 2, 117, 1), (9_000, 59, 468, 7), (18_000, 59, 1_000, 1)]:

@@ -43,9 +43,18 @@ def test_summary_torchvision_layout_takes_channels_from_input(capsys):
     assert code == 0
     names = [line.split(" output shape:")[0] for line in lines[:-2]]
     assert names == [
-        "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Sequential", "Sequential", "Sequential", "Sequential",
-        "AdaptiveAvgPool2d", "Flatten", "Linear",
-    ]  # fmt: skip
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+        "Sequential",
+        "Sequential",
+        "Sequential",
+        "Sequential",
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Linear",
+    ]
     assert lines[0] == "Conv2d output shape:\t torch.Size([2, 64, 32, 32])"
     assert lines[10] == "Linear output shape:\t torch.Size([2, 5])"
     assert lines[-2] == f"parameters: {count_parameters(create_model('resnet18', num_classes=5, in_chans=3)):,}"
@@ -53,12 +62,17 @@ def test_summary_torchvision_layout_takes_channels_from_input(capsys):
 
 
 def test_summary_stem_and_width(capsys):
-    code, lines, _ = run(capsys, "summary", "preact_resnet18", "--input", "1x1x28x28", "--stem", "small", "--width", "16")
+    code, lines, _ = run(
+        capsys, "summary", "preact_resnet18", "--input", "1x1x28x28", "--stem", "small", "--width", "16"
+    )
     assert code == 0
     assert lines[0] == "Conv2d output shape:\t torch.Size([1, 16, 28, 28])"
     assert lines[3] == "Identity output shape:\t torch.Size([1, 16, 28, 28])"
     assert lines[7] == "Sequential output shape:\t torch.Size([1, 128, 4, 4])"
-    assert lines[8:10] == ["BatchNorm2d output shape:\t torch.Size([1, 128, 4, 4])", "ReLU output shape:\t torch.Size([1, 128, 4, 4])"]
+    assert lines[8:10] == [
+        "BatchNorm2d output shape:\t torch.Size([1, 128, 4, 4])",
+        "ReLU output shape:\t torch.Size([1, 128, 4, 4])",
+    ]
     expected = count_parameters(create_model("preact_resnet18", stem="small", width=16))
     assert lines[-2] == f"parameters: {expected:,}"
 
@@ -66,11 +80,16 @@ def test_summary_stem_and_width(capsys):
 def test_summary_unknown_model(capsys):
     code, lines, err = run(capsys, "summary", "resnet19")
     assert code == 2 and lines == []
-    assert err == "resnetlab: error: unknown model 'resnet19'; did you mean resnet18, resnet10, resnet152? (see `resnetlab models`)\n"
+    assert (
+        err
+        == "resnetlab: error: unknown model 'resnet19'; did you mean resnet18, resnet10, resnet152? (see `resnetlab models`)\n"
+    )
 
 
-@pytest.mark.parametrize("bad", ["224", "1x1x0x224", "axb", "1x1x224", "1x1x224x224x1", "1x-1x2x2", "1x1x²x28",
-                                 "99999999999999999999x1x28x28"])  # the last: a TypeError traceback from torch.empty
+@pytest.mark.parametrize(
+    "bad",
+    ["224", "1x1x0x224", "axb", "1x1x224", "1x1x224x224x1", "1x-1x2x2", "1x1x²x28", "99999999999999999999x1x28x28"],
+)  # the last: a TypeError traceback from torch.empty
 def test_summary_malformed_input(capsys, bad):
     code, lines, err = run(capsys, "summary", "resnet18", "--input", bad)
     assert code == 2 and lines == []
@@ -112,7 +131,10 @@ def test_summary_reports_too_small_input(capsys, monkeypatch):
     monkeypatch.setattr(summary, "min_input_size", lambda model, **_: 40)
     code, lines, err = run(capsys, "summary", "resnet18", "--input", "1x1x32x64")
     assert code == 2 and lines == []
-    assert err == "resnetlab: error: input 32x64 is too small for resnet18 (stem imagenet); the smallest it accepts is 40x40\n"
+    assert (
+        err
+        == "resnetlab: error: input 32x64 is too small for resnet18 (stem imagenet); the smallest it accepts is 40x40\n"
+    )
 
 
 def test_sizes_too_large_for_memory_are_one_line_naming_them(capsys, monkeypatch):
@@ -122,7 +144,9 @@ def test_sizes_too_large_for_memory_are_one_line_naming_them(capsys, monkeypatch
 
     code, lines, err = run(capsys, "summary", "resnet18", "--width", "1000000000")
     assert code == 2 and lines == [] and err.count("\n") == 1
-    assert err.startswith("resnetlab: error: out of memory (Storage size calculation overflowed with sizes=[1000000000, ")
+    assert err.startswith(
+        "resnetlab: error: out of memory (Storage size calculation overflowed with sizes=[1000000000, "
+    )
     assert err.endswith("; make the model, images or batch smaller (given: --input 1x1x224x224, --width 1000000000)\n")
     # The CPU allocator refusing a real allocation (256 TiB, more than any address space), as `train --width 100000` does.
     monkeypatch.setattr(summary, "count_parameters", lambda model: torch.empty(2**48, dtype=torch.uint8).numel())
@@ -131,7 +155,9 @@ def test_sizes_too_large_for_memory_are_one_line_naming_them(capsys, monkeypatch
         "resnetlab: error: out of memory (a 262,144.0 GiB tensor); make the model, images or batch smaller "
         "(given: --input 1x1x224x224, --width 8)\n"
     )
-    monkeypatch.setattr(summary, "count_parameters", lambda model: torch.ones(2) @ torch.ones(3))  # any other error is a bug
+    monkeypatch.setattr(
+        summary, "count_parameters", lambda model: torch.ones(2) @ torch.ones(3)
+    )  # any other error is a bug
     with pytest.raises(RuntimeError, match="inconsistent tensor size"):
         main(["summary", "resnet10"])
 

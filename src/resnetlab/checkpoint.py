@@ -31,7 +31,18 @@ from resnetlab.fileio import CHECKPOINT_NAME, PREVIOUS_RUN, fsync_dir, is_torch_
 
 FORMAT_VERSION = 1
 # metadata every checkpoint written by training holds; using or resuming one reads them all
-_META_KEYS = ("model", "classes", "input_shape", "preprocessing", "dataset", "recipe", "position", "sums", "history", "optimizer")
+_META_KEYS = (
+    "model",
+    "classes",
+    "input_shape",
+    "preprocessing",
+    "dataset",
+    "recipe",
+    "position",
+    "sums",
+    "history",
+    "optimizer",
+)
 # torch.cuda.get_rng_state(): a Philox seed and offset of 8 bytes each (CUDAGeneratorImpl::get_state); the CPU's
 # length is asked of torch.get_rng_state() itself
 CUDA_RNG_BYTES = 16
@@ -72,11 +83,15 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     if not p.exists():
         aside = p.parent / PREVIOUS_RUN
         if aside.is_dir():  # as `train --resume` says: "no checkpoint" alone hid the old run waiting there
-            raise CheckpointError(f"no checkpoint at {p}: a --force run was stopped before its first one; the run it was "
-                                  f"replacing is in {aside} (give that folder, or move its files back)")  # fmt: skip
+            raise CheckpointError(
+                f"no checkpoint at {p}: a --force run was stopped before its first one; the run it was "
+                f"replacing is in {aside} (give that folder, or move its files back)"
+            )
         raise CheckpointError(f"no checkpoint at {p}; give a run directory or its {CHECKPOINT_NAME}")
     if not p.is_file():  # opening a FIFO waits for a writer, maybe forever
-        raise CheckpointError(f"{p} is not a regular file (a directory, FIFO or device); give a run directory or its {CHECKPOINT_NAME}")
+        raise CheckpointError(
+            f"{p} is not a regular file (a directory, FIFO or device); give a run directory or its {CHECKPOINT_NAME}"
+        )
     return p
 
 
@@ -99,13 +114,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except (SafetensorError, OSError, ValueError) as err:
         if len(head) > 8 and head[8:9] != b"{":  # not safetensors at all: an image, an ONNX export, a CSV...
             hint = "; an ONNX export runs with `resnetlab predict --onnx`" if p.suffix.lower() == ".onnx" else ""
-            raise CheckpointError(f"{p} is not a resnetlab checkpoint (not a safetensors file); give a run directory or "
-                                  f"its {CHECKPOINT_NAME}{hint}") from None  # fmt: skip
+            raise CheckpointError(
+                f"{p} is not a resnetlab checkpoint (not a safetensors file); give a run directory or "
+                f"its {CHECKPOINT_NAME}{hint}"
+            ) from None
         raise CheckpointError(f"{p} is not a readable safetensors checkpoint ({err}); it may be truncated") from None
     if raw_meta is None:
-        raise CheckpointError(f"{p} is a safetensors file without resnetlab metadata; for bare weights use load_pretrained")
+        raise CheckpointError(
+            f"{p} is a safetensors file without resnetlab metadata; for bare weights use load_pretrained"
+        )
     if not all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model.") and t.is_floating_point()):
-        raise CheckpointError(f"{p} holds non-finite (NaN or inf) weights; it is damaged, use another checkpoint")  # never saved
+        raise CheckpointError(
+            f"{p} holds non-finite (NaN or inf) weights; it is damaged, use another checkpoint"
+        )  # never saved
     try:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as err:
@@ -113,21 +134,32 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not isinstance(meta, dict):
         raise CheckpointError(f"{p} has corrupt resnetlab metadata (a JSON {type(meta).__name__}, not an object)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{p} has checkpoint format {meta.get('format_version')}; this resnetlab reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{p} has checkpoint format {meta.get('format_version')}; this resnetlab reads {FORMAT_VERSION}"
+        )
     missing = [k for k in _META_KEYS if k not in meta]
     spec = meta.get("model")
-    if missing or not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("options"), dict)):
+    if missing or not (
+        isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("options"), dict)
+    ):
         what = f"no {', '.join(missing)}" if missing else f"model is {spec!r}, not a name and options"
-        raise CheckpointError(f"{p} has incomplete resnetlab metadata ({what}); it is damaged or not from `resnetlab train`")
+        raise CheckpointError(
+            f"{p} has incomplete resnetlab metadata ({what}); it is damaged or not from `resnetlab train`"
+        )
     wrong = _wrong_meta(meta)
     if wrong:
         raise CheckpointError(f"{p} has corrupt resnetlab metadata ({wrong}); it is damaged or was edited by hand")
     try:
         skeleton = model_skeleton(meta)
     except UsageError as err:  # an unknown model or option: create_model's own words, with the file's name
-        raise CheckpointError(f"{p} has corrupt resnetlab metadata (model: {err}); it is damaged or was edited by hand") from None
-    check_weights(skeleton, prefixed(tensors, "model."), f"{p}: the weights do not fit the {spec['name']} "
-                  f"{spec['options']} its metadata describes")  # fmt: skip
+        raise CheckpointError(
+            f"{p} has corrupt resnetlab metadata (model: {err}); it is damaged or was edited by hand"
+        ) from None
+    check_weights(
+        skeleton,
+        prefixed(tensors, "model."),
+        f"{p}: the weights do not fit the {spec['name']} {spec['options']} its metadata describes",
+    )
     return tensors, meta
 
 
@@ -157,8 +189,10 @@ def tensor_mismatch(found: dict[str, torch.Tensor], expected: dict[str, TensorSp
     for k, (dtype, shape) in expected.items():
         t = found.get(k)
         if t is not None and (t.dtype, tuple(t.shape)) != (dtype, shape):
-            ours, theirs = ((str(t.dtype), str(dtype)) if t.dtype != dtype else (tuple(t.shape), shape))
-            return f"{k} is {str(ours).removeprefix('torch.')} in the file, {str(theirs).removeprefix('torch.')} {holder}"
+            ours, theirs = (str(t.dtype), str(dtype)) if t.dtype != dtype else (tuple(t.shape), shape)
+            return (
+                f"{k} is {str(ours).removeprefix('torch.')} in the file, {str(theirs).removeprefix('torch.')} {holder}"
+            )
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     return f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else None
@@ -212,7 +246,12 @@ def wrong_optimizer_groups(saved: Any, optimizer: torch.optim.Optimizer) -> str 
             return isinstance(value, list) and len(value) == len(like) and all(fits(v, 0.0, high=1.0) for v in value)
         if isinstance(like, numbers.Real) and not isinstance(like, bool):
             # <= the largest float, not isfinite: NaN fails it, and a huge JSON int makes isfinite raise
-            return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < high and value <= sys.float_info.max
+            return (
+                isinstance(value, numbers.Real)
+                and not isinstance(value, bool)
+                and 0 <= value < high
+                and value <= sys.float_info.max
+            )
         return type(value) is type(like)  # flags: true/false, or None (fused)
 
     for i, (group, like) in enumerate(zip(saved, ours)):
@@ -233,7 +272,9 @@ def _wrong_meta(meta: dict[str, Any]) -> str | None:
 
     def per_channel(v: Any, channels: int) -> list[float]:  # a number or one per channel -> the numbers, else []
         v = v if isinstance(v, list) else [v]
-        ok = len(v) in (1, channels) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        ok = len(v) in (1, channels) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        )
         return v if ok else []
 
     options, shape, pre = meta["model"]["options"], meta["input_shape"], meta["preprocessing"]
@@ -243,11 +284,18 @@ def _wrong_meta(meta: dict[str, Any]) -> str | None:
         return "classes is not a list of names"
     if len(meta["classes"]) != options["num_classes"]:
         return f"{len(meta['classes'])} class names for a model with {options['num_classes']} outputs"
-    if not (isinstance(shape, list) and len(shape) == 3 and all(count(v) for v in shape) and shape[0] == options["in_chans"]):
+    if not (
+        isinstance(shape, list) and len(shape) == 3 and all(count(v) for v in shape) and shape[0] == options["in_chans"]
+    ):
         return f"input_shape {shape!r} is not [C, H, W] with C = the model's {options['in_chans']} input channels"
     pre = pre if isinstance(pre, dict) else {"size": "?"}
     std = per_channel(pre.get("std", 1.0), shape[0])
-    if not ((pre.get("size") is None or count(pre.get("size"))) and per_channel(pre.get("mean", 0.0), shape[0]) and std and min(std) > 0):
+    if not (
+        (pre.get("size") is None or count(pre.get("size")))
+        and per_channel(pre.get("mean", 0.0), shape[0])
+        and std
+        and min(std) > 0
+    ):
         return f"preprocessing {meta['preprocessing']!r} is not a size and one mean and std > 0 per channel"
     for key in ("tta", "channels_last"):
         if not isinstance(meta.get(key, False), bool):
@@ -272,7 +320,9 @@ def check_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str) -
     Compared here, not left to load_state_dict, whose size mismatch is a RuntimeError of many lines
     and which casts another dtype silently.
     """
-    first = tensor_mismatch(weights, {k: (v.dtype, tuple(v.shape)) for k, v in net.state_dict().items()}, "in the model")
+    first = tensor_mismatch(
+        weights, {k: (v.dtype, tuple(v.shape)) for k, v in net.state_dict().items()}, "in the model"
+    )
     if first:
         raise CheckpointError(f"{what} ({first}); the checkpoint is damaged")
 

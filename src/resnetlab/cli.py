@@ -55,11 +55,15 @@ class _Parser(argparse.ArgumentParser):
             return super().parse_known_args(given, namespace)
         if "--" in given:
             cut = given.index("--")
-            if cut and self._wants_a_value(given[cut - 1]):  # `--topk -- 1`: its value is missing, as plain parsing says
+            if cut and self._wants_a_value(
+                given[cut - 1]
+            ):  # `--topk -- 1`: its value is missing, as plain parsing says
                 return super().parse_known_args(given, namespace)
             words = {i: word for i, word in enumerate(given[cut + 1 :]) if word.startswith("-")}
             self._after_dashes = {f"resnetlab:word{i}:after--": word for i, word in words.items()}
-            given = given[:cut] + [f"resnetlab:word{i}:after--" if i in words else w for i, w in enumerate(given[cut + 1 :])]
+            given = given[:cut] + [
+                f"resnetlab:word{i}:after--" if i in words else w for i, w in enumerate(given[cut + 1 :])
+            ]
         self._intermixing = True
         try:
             parsed, extras = self.parse_known_intermixed_args(given, namespace)
@@ -77,7 +81,9 @@ class _Parser(argparse.ArgumentParser):
     ) -> argparse.Namespace:
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:  # named here, where the sub-command is known: its --help is the one that lists its flags
-            prog = " ".join(p for p in (self.prog, getattr(parsed, "command", None), getattr(parsed, "bench", None)) if p)
+            prog = " ".join(
+                p for p in (self.prog, getattr(parsed, "command", None), getattr(parsed, "bench", None)) if p
+            )
             self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)}; see {prog} --help\n")
         return parsed
 
@@ -92,7 +98,9 @@ class _Parser(argparse.ArgumentParser):
         """Whether ``word`` is an option (or an abbreviation of one, as argparse allows) still waiting for its value."""
         if not word.startswith("-") or "=" in word:
             return False
-        found = self._parse_optional(word)  # (action, ...) before Python 3.12.7, a list of them since; None: a positional
+        found = self._parse_optional(
+            word
+        )  # (action, ...) before Python 3.12.7, a list of them since; None: a positional
         if isinstance(found, list):
             found = found[0] if len(found) == 1 else None
         return bool(found) and found[0] is not None and found[0].nargs != 0
@@ -123,7 +131,9 @@ def _add_summary(sub: argparse._SubParsersAction) -> None:
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="find, download and verify datasets")
     p.add_argument("action", choices=["info", "fetch", "verify"])
-    p.add_argument("name", nargs="?", default=None, help="fashion-mnist, mnist, cifar10 or folder:PATH (default: all built-in)")
+    p.add_argument(
+        "name", nargs="?", default=None, help="fashion-mnist, mnist, cifar10 or folder:PATH (default: all built-in)"
+    )
     p.add_argument("--root", default=None, help="look here first (also $RESNETLAB_DATA)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
@@ -142,8 +152,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="per-process batch; the global batch is this times the world size")
     p.add_argument("--lr", type=float)
     p.add_argument("--resize", type=int, help="train and test at this square size (0 keeps the native size)")
-    p.add_argument("--progressive-sizes", metavar="SIZES",
-                   help="progressive resizing: train the first epochs at these sizes, e.g. 16 (none: off); the last trains at --resize")
+    p.add_argument(
+        "--progressive-sizes",
+        metavar="SIZES",
+        help="progressive resizing: train the first epochs at these sizes, e.g. 16 (none: off); the last trains at --resize",
+    )
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--momentum", type=float)
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (SGD)")
@@ -153,8 +166,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", help="none, or a comma list of flip, crop, erase")
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                   help="standardise inputs with the training split's mean and std")
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="standardise inputs with the training split's mean and std",
+    )
     p.add_argument("--init", choices=["xavier", "default"], help="xavier (the chapter's) or the model's own")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
@@ -164,21 +181,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", type=int, help="train on a seeded random subset of N training images")
     p.add_argument("--width", type=int, help="model base width")
     p.add_argument("--stem", choices=["imagenet", "small"])
-    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None,
-                   help="zero the last BatchNorm of every residual branch")
+    p.add_argument(
+        "--zero-init-residual",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="zero the last BatchNorm of every residual branch",
+    )
     p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--eval-every", type=int, metavar="N",
-                   help="test-set accuracy after every N-th epoch and after the last (0: after the last only)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="N",
+        help="test-set accuracy after every N-th epoch and after the last (0: after the last only)",
+    )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
     p.add_argument("--data-root", help="look for datasets here first")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    p.add_argument("--force", action="store_true", help="replace the run in --out (its files are kept until the new run's first checkpoint)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the run in --out (its files are kept until the new run's first checkpoint)",
+    )
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also checkpoint every N steps")
     p.add_argument("--init-from", metavar="PATH", help="start from torchvision/timm ResNet weights")
     p.add_argument("--nproc", type=int, help="launch N processes on this machine with torchrun")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None, help="multiply lr by the world size")
+    p.add_argument(
+        "--scale-lr", action=argparse.BooleanOptionalAction, default=None, help="multiply lr by the world size"
+    )
 
 
 INFERENCE_PRECISIONS = ["fp32", "bf16", "auto"]
@@ -198,9 +229,18 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes for image files")
     p.add_argument("checkpoint", nargs="?", help="a run directory or checkpoint (omit with --onnx)")
     p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--onnx", metavar="MODEL", help="run an exported .onnx file (or a run directory's model.onnx) with onnxruntime, without torch")
+    p.add_argument(
+        "--onnx",
+        metavar="MODEL",
+        help="run an exported .onnx file (or a run directory's model.onnx) with onnxruntime, without torch",
+    )
     p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32", help=INFERENCE_PRECISION_HELP + " (not with --onnx)")
+    p.add_argument(
+        "--precision",
+        choices=INFERENCE_PRECISIONS,
+        default="fp32",
+        help=INFERENCE_PRECISION_HELP + " (not with --onnx)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="export a checkpoint (ONNX) with preprocessing inside")
@@ -222,26 +262,50 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first (default 2)")
-    b.add_argument("--block", type=int, help="steps timed together between device synchronisations "
-                   "(default 1 on the CPU, 20 on a GPU, where a sync after every step would stall its queue)")
+    b.add_argument(
+        "--block",
+        type=int,
+        help="steps timed together between device synchronisations "
+        "(default 1 on the CPU, 20 on a GPU, where a sync after every step would stall its queue)",
+    )
     b.add_argument("--workers", type=int, default=4, help="the reference DataLoader's workers (the chapter: 4)")
     b.add_argument("--seed", type=int, default=0, help="seeds both sides' init and order (default 0)")
-    b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="resnetlab side in NHWC")
-    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the resnetlab side")
-    b.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="resnetlab side (auto: bf16 only where native)")
-    b.add_argument("--levers", default="none", help="also measure each lever on/off: all, none or a comma list of "
-                   "channels_last, compile, bf16, in_memory_data, one_thread")
+    b.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="resnetlab side in NHWC"
+    )
+    b.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the resnetlab side"
+    )
+    b.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="resnetlab side (auto: bf16 only where native)",
+    )
+    b.add_argument(
+        "--levers",
+        default="none",
+        help="also measure each lever on/off: all, none or a comma list of "
+        "channels_last, compile, bf16, in_memory_data, one_thread",
+    )
     b.add_argument("--lever-batch-size", type=int, default=32, help="batch size of the lever measurements (default 32)")
     b.add_argument("--lever-steps", type=int, default=3, help="timed steps per lever setting (default 3)")
     _add_bench_common(b)
-    b = bsub.add_parser("time-to-accuracy", help="wall-clock from process start to a test accuracy, and the training seconds in it")
+    b = bsub.add_parser(
+        "time-to-accuracy", help="wall-clock from process start to a test accuracy, and the training seconds in it"
+    )
     b.add_argument("--recipe", default="fast", help="the recipe to train (default fast)")
     b.add_argument("--target", type=float, default=0.924, help="test accuracy to reach, a fraction (default 0.924)")
     b.add_argument("--seeds", type=int, default=3, help="runs, one per seed; the median is reported (default 3)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     b.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+SEEDS-1 (default 0)")
-    b.add_argument("--train-args", type=str, default="", help='extra `resnetlab train` flags, e.g. --train-args="--epochs 3 --subset 2048"')
+    b.add_argument(
+        "--train-args",
+        type=str,
+        default="",
+        help='extra `resnetlab train` flags, e.g. --train-args="--epochs 3 --subset 2048"',
+    )
     b = bsub.add_parser("infer", help="eval images/s and per-image latency at batch 1 and 256")
     b.add_argument("--model", default="d2l_resnet18", help="registry name (default d2l_resnet18)")
     b.add_argument("--resize", type=int, default=96, help="square input side (default 96)")
@@ -258,21 +322,30 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_chapter_checks(bsub: argparse._SubParsersAction) -> None:
     """The bench commands that set resnetlab against the chapter's loop besides train/infer/time-to-accuracy."""
-    b = bsub.add_parser("pipeline", help="input pipeline alone (no model): resnetlab's in-memory batches vs the chapter's DataLoader")
+    b = bsub.add_parser(
+        "pipeline", help="input pipeline alone (no model): resnetlab's in-memory batches vs the chapter's DataLoader"
+    )
     b.add_argument("--dataset", default="fashion-mnist", help="the images (default fashion-mnist)")
     b.add_argument("--data-root", help="look for the dataset here first")
     b.add_argument("--size", type=int, default=96, help="square side both sides resize to (default 96, the chapter's)")
     b.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     b.add_argument("--batches", type=int, default=20, help="timed batches of each side (default 20)")
-    b.add_argument("--workers", type=int, default=2, help="the reference DataLoader's workers (default 2; the chapter: 4)")
+    b.add_argument(
+        "--workers", type=int, default=2, help="the reference DataLoader's workers (default 2; the chapter: 4)"
+    )
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--json", action="store_true", help="also print the figures as one JSON object on the last line")
-    b = bsub.add_parser("accuracy-holds", help="the chapter's loop and the d2l recipe, same seed and epochs: same test "
-                        "accuracy? (exit 1 when not)")  # fmt: skip
+    b = bsub.add_parser(
+        "accuracy-holds",
+        help="the chapter's loop and the d2l recipe, same seed and epochs: same test accuracy? (exit 1 when not)",
+    )
     b.add_argument("--epochs", type=int, default=2, help="epochs of each run (default 2)")
     b.add_argument("--tolerance", type=float, default=0.5, help="allowed gap in test-accuracy points (default 0.5)")
-    b.add_argument("--control", action="store_true",
-                   help="also train the reference loop on resnetlab's batch order (PIL inputs) to split the gap")
+    b.add_argument(
+        "--control",
+        action="store_true",
+        help="also train the reference loop on resnetlab's batch order (PIL inputs) to split the gap",
+    )
     _add_bench_chapter_run(b)
     b = bsub.add_parser("reference", help="train the chapter's ResNet-18 exactly the chapter's way (no torchvision)")
     b.add_argument("--epochs", type=int, help="default the chapter's, 10")
@@ -285,7 +358,9 @@ def _add_bench_chapter_checks(bsub: argparse._SubParsersAction) -> None:
 def _add_bench_chapter_run(b: argparse.ArgumentParser) -> None:
     """The flags of a command that trains the chapter's way: what to train on, where, and with what seed."""
     b.add_argument("--seed", type=int, default=0, help="seeds the init and the shuffle, and picks --subset (default 0)")
-    b.add_argument("--subset", type=int, default=0, help="train on this seeded subset, as resnetlab train --subset (0: all)")
+    b.add_argument(
+        "--subset", type=int, default=0, help="train on this seeded subset, as resnetlab train --subset (0: all)"
+    )
     b.add_argument("--resize", type=int, help="square input side (default the chapter's, 96; 0 keeps the native size)")
     b.add_argument("--workers", type=int, help="the reference DataLoader's workers (default the chapter's, 4)")
     b.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default), mnist, cifar10 or folder:PATH")
@@ -302,7 +377,9 @@ def _add_bench_studies(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first (default 2)")
     b.add_argument("--dataset", help="default: the recipe's")
     b.add_argument("--data-root", help="look for the dataset here first")
-    b = bsub.add_parser("conv-backward", help="a recipe's convolutions: forward vs input and weight gradients, per layer (CPU)")
+    b = bsub.add_parser(
+        "conv-backward", help="a recipe's convolutions: forward vs input and weight gradients, per layer (CPU)"
+    )
     b.add_argument("--recipe", default="fast", help="d2l, fast or best (default fast)")
     b.add_argument("--batch-size", type=int, help="default: the recipe's")
     b.add_argument("--reps", type=int, default=15, help="timed calls per figure; the median is printed (default 15)")
@@ -311,11 +388,15 @@ def _add_bench_studies(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-sizes", default="64,128,256,1000", help="comma list (default 64,128,256,1000)")
     b.add_argument("--rounds", type=int, default=4, help="timed passes over the test split per size (default 4)")
     b.add_argument("--json", action="store_true", help="also print the figures as one JSON object on the last line")
-    b = bsub.add_parser("strided-projection", help="training step with the shortcuts' stride sliced vs a strided 1x1 convolution (CPU)")
+    b = bsub.add_parser(
+        "strided-projection", help="training step with the shortcuts' stride sliced vs a strided 1x1 convolution (CPU)"
+    )
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 only where native")
     b.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds; the median is printed (default 5)")
     b.add_argument("--steps", type=int, default=5, help="training steps per variant per round (default 5)")
-    b.add_argument("--cases", default="fast,d2l", help="comma list of fast (resnet10 w16 @24) and d2l (d2l_resnet18 @96)")
+    b.add_argument(
+        "--cases", default="fast,d2l", help="comma list of fast (resnet10 w16 @24) and d2l (d2l_resnet18 @96)"
+    )
 
 
 def _add_bench_common(b: argparse.ArgumentParser) -> None:
@@ -350,8 +431,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as err:
         if _lost_peers(err):  # a torchrun worker whose peer died: the launcher (or torchrun) names that one
             said = re.split(r"\.\s", (str(err).strip().splitlines() or [type(err).__name__])[0], maxsplit=1)[0]
-            print(f"resnetlab: error: process {os.environ.get('RANK')} lost the other processes ({said}): "
-                  f"one of them died; {_after_lost_peers(args)}", file=sys.stderr)  # fmt: skip
+            print(
+                f"resnetlab: error: process {os.environ.get('RANK')} lost the other processes ({said}): "
+                f"one of them died; {_after_lost_peers(args)}",
+                file=sys.stderr,
+            )
             return 1
         if not isinstance(err, MemoryError) and not _TOO_LARGE.search(str(err)):
             raise
@@ -383,7 +467,9 @@ def _one_line_warnings() -> Iterator[None]:
         if sys.stderr is None:  # started with stderr closed: print(file=None) would write into stdout (--json)
             return
         try:
-            kind = "" if category is UserWarning else f" ({category.__name__})"  # resnetlab's own warnings are UserWarnings
+            kind = (
+                "" if category is UserWarning else f" ({category.__name__})"
+            )  # resnetlab's own warnings are UserWarnings
             print(f"resnetlab: warning: {' '.join(str(message).split())}{kind}", file=sys.stderr)
         except OSError:  # a closed or broken stderr must not stop the command (Python's own printer ignores it too)
             pass
@@ -428,8 +514,18 @@ _OS_FIXES = {
 # How torch says a tensor cannot be allocated (CPU, CUDA, MPS) or its size cannot even be computed.
 _TOO_LARGE = re.compile(r"can't allocate memory|out of memory|Storage size calculation overflowed")
 # Options that size tensors: a bound on each would be arbitrary, so the allocation failure names them instead.
-_SIZE_OPTIONS = ("input", "width", "resize", "progressive_sizes", "batch_size", "eval_batch_size", "batch_sizes", "lever_batch_size",
-                 "peak_size", "bf16_peak_size")  # fmt: skip
+_SIZE_OPTIONS = (
+    "input",
+    "width",
+    "resize",
+    "progressive_sizes",
+    "batch_size",
+    "eval_batch_size",
+    "batch_sizes",
+    "lever_batch_size",
+    "peak_size",
+    "bf16_peak_size",
+)
 
 
 # How gloo says a peer's connection is gone. Its collectives raise these as plain RuntimeErrors, not as
@@ -442,18 +538,28 @@ def _lost_peers(err: BaseException) -> bool:
     dist = sys.modules.get("torch.distributed")
     if "RANK" not in os.environ or dist is None:
         return False
-    return isinstance(err, getattr(dist, "DistError", ())) or (isinstance(err, RuntimeError) and bool(_PEER_GONE.search(str(err))))
+    return isinstance(err, getattr(dist, "DistError", ())) or (
+        isinstance(err, RuntimeError) and bool(_PEER_GONE.search(str(err)))
+    )
 
 
 def _after_lost_peers(args: argparse.Namespace) -> str:
     """What happens after a worker lost its peers: torchelastic's restart, or the command that continues the run."""
     run = getattr(args, "resume", None) or getattr(args, "out", None)
-    restarts, done = os.environ.get("TORCHELASTIC_MAX_RESTARTS"), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    restarts, done = (
+        os.environ.get("TORCHELASTIC_MAX_RESTARTS"),
+        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+    )
     if restarts is not None and done < int(restarts):
-        return (f"torchrun restarts them all (restart {done + 1} of {restarts}), "
-                + ("resuming from the last checkpoint" if run else "starting over (give --out to resume instead)"))  # fmt: skip
+        return f"torchrun restarts them all (restart {done + 1} of {restarts}), " + (
+            "resuming from the last checkpoint" if run else "starting over (give --out to resume instead)"
+        )
     stops = "torchrun stops the job (no restarts left); " if restarts is not None else ""
-    nproc = f" --nproc {os.environ['WORLD_SIZE']}" if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" and "WORLD_SIZE" in os.environ else ""
+    nproc = (
+        f" --nproc {os.environ['WORLD_SIZE']}"
+        if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" and "WORLD_SIZE" in os.environ
+        else ""
+    )
     return f"{stops}continue from the last checkpoint with: resnetlab train --resume {run or 'RUN_DIR'}{nproc}"
 
 
@@ -461,8 +567,12 @@ def _too_large(err: BaseException, args: argparse.Namespace) -> str:
     """One line for an allocation that failed: what was asked for and the sizes given to make smaller."""
     text = str(err).strip()
     asked = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's message is long and low-level
-    what = f"a {int(asked.group(1)) / 2**30:,.1f} GiB tensor" if asked else (text.splitlines() or [type(err).__name__])[0]
-    given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in _SIZE_OPTIONS and v is not None)
+    what = (
+        f"a {int(asked.group(1)) / 2**30:,.1f} GiB tensor" if asked else (text.splitlines() or [type(err).__name__])[0]
+    )
+    given = ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in _SIZE_OPTIONS and v is not None
+    )
     return f"out of memory ({what}); make the model, images or batch smaller" + (f" (given: {given})" if given else "")
 
 

@@ -28,8 +28,20 @@ import torch
 
 from resnetlab.errors import UsageError
 
-__all__ = ["resolve_device", "cpu_flags", "cpu_class", "bf16_is_native", "resolve_precision", "autocast_dtype", "describe", "warn_if_emulated", "PRECISIONS",
-           "cpu_info", "environment", "git_commit"]
+__all__ = [
+    "resolve_device",
+    "cpu_flags",
+    "cpu_class",
+    "bf16_is_native",
+    "resolve_precision",
+    "autocast_dtype",
+    "describe",
+    "warn_if_emulated",
+    "PRECISIONS",
+    "cpu_info",
+    "environment",
+    "git_commit",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -37,10 +49,17 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NATIVE_BF16_CLASSES = ("AMX", "AVX-512 BF16")
 # ONEDNN_MAX_CPU_ISA values (oneDNN's names) -> the class they cap the kernels at.
 _ISA_CAPS = {
-    "SSE41": "baseline", "AVX": "baseline", "AVX2": "AVX2", "AVX2_VNNI": "AVX2", "AVX2_VNNI_2": "AVX2",
-    "AVX512_CORE": "AVX-512", "AVX512_CORE_VNNI": "AVX-512", "AVX512_CORE_BF16": "AVX-512 BF16",
-    "AVX512_CORE_FP16": "AVX-512 BF16", "AVX10_1_512": "AVX-512 BF16",
-}  # fmt: skip
+    "SSE41": "baseline",
+    "AVX": "baseline",
+    "AVX2": "AVX2",
+    "AVX2_VNNI": "AVX2",
+    "AVX2_VNNI_2": "AVX2",
+    "AVX512_CORE": "AVX-512",
+    "AVX512_CORE_VNNI": "AVX-512",
+    "AVX512_CORE_BF16": "AVX-512 BF16",
+    "AVX512_CORE_FP16": "AVX-512 BF16",
+    "AVX10_1_512": "AVX-512 BF16",
+}
 _ORDER = ("baseline", "AVX2", "AVX-512", "AVX-512 BF16", "AMX")
 
 
@@ -64,7 +83,11 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):  # torch also knows meta, xpu, lazy...: not usable here
+    if device is None or device.type not in (
+        "cpu",
+        "cuda",
+        "mps",
+    ):  # torch also knows meta, xpu, lazy...: not usable here
         raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
@@ -108,7 +131,9 @@ def cpu_class() -> str:
         hardware = "AVX-512"
     else:
         hardware = "AVX2" if "avx2" in flags else "baseline"
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""  # oneDNN reads both, in this order
+    isa = (
+        os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    )  # oneDNN reads both, in this order
     cap = _ISA_CAPS.get(isa.strip().upper(), "AMX")
     return min(hardware, cap, key=_ORDER.index)
 
@@ -149,8 +174,12 @@ def resolve_precision(precision: str, device: torch.device, *, inference: bool =
 def warn_if_emulated(precision: str, device: torch.device) -> None:
     """Say in one line (stderr) that a resolved ``precision`` is emulated on ``device``, so slower than fp32."""
     if precision == "bf16" and device.type == "cpu" and not bf16_is_native(device):
-        print(f"resnetlab: warning: this CPU ({cpu_class()}) has no native bf16; it is emulated here, several times "
-              "slower than fp32 (--precision fp32 is the fast one)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"resnetlab: warning: this CPU ({cpu_class()}) has no native bf16; it is emulated here, several times "
+            "slower than fp32 (--precision fp32 is the fast one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -200,7 +229,9 @@ def cpu_info() -> dict[str, Any]:
 def git_commit() -> str | None:
     """The commit of the resnetlab source tree, if it is a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -215,9 +246,18 @@ def environment(device: torch.device) -> dict[str, Any]:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    env = {"resnetlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "device": str(device), **cpu_info(), "git_commit": git_commit(),
-           "argv": sys.argv, "load_average": load, "date": date.today().isoformat()}  # fmt: skip
+    env = {
+        "resnetlab": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        **cpu_info(),
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+        "load_average": load,
+        "date": date.today().isoformat(),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env

@@ -34,8 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from resnetlab.errors import CheckpointError, ResnetlabError, UsageError
-from resnetlab.fileio import fsync_dir, umask_mode
-from resnetlab.fileio import EXPORT_NAME
+from resnetlab.fileio import EXPORT_NAME, fsync_dir, umask_mode
 from resnetlab.onnx_runtime import META_CLASSES, META_INPUT_SHAPE, META_MODEL, require_onnx
 
 __all__ = ["export_onnx", "ExportResult", "run_export", "DEFAULT_OPSET", "MIN_OPSET", "TOLERANCE"]
@@ -81,7 +80,9 @@ def check_opset(opset: int | None) -> int:
         )
     newest = max_opset()
     if opset > newest:
-        raise UsageError(f"--opset {opset} is newer than this PyTorch can export (at most {newest}); use {MIN_OPSET}..{newest}")
+        raise UsageError(
+            f"--opset {opset} is newer than this PyTorch can export (at most {newest}); use {MIN_OPSET}..{newest}"
+        )
     return opset
 
 
@@ -148,7 +149,9 @@ def _reference_logits(classifier: Any, images: np.ndarray) -> np.ndarray:
         return classifier(torch.from_numpy(images)).numpy()
 
 
-def verification_images(classifier: Any, data_root: str | None = None, n: int = VERIFY_IMAGES) -> tuple[np.ndarray, str]:
+def verification_images(
+    classifier: Any, data_root: str | None = None, n: int = VERIFY_IMAGES
+) -> tuple[np.ndarray, str]:
     """The first ``n`` test images of the checkpoint's dataset as float32 in [0, 1], and what they are.
 
     Nothing is downloaded: when the dataset is not found locally (or its images have another
@@ -172,7 +175,9 @@ def verification_images(classifier: Any, data_root: str | None = None, n: int = 
     except (ResnetlabError, OSError) as err:
         rng = np.random.default_rng(0)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return rng.random((n, *shape), dtype=np.float32), f"{n} random images ({name or 'the dataset'} not loaded: {reason})"
+        return rng.random(
+            (n, *shape), dtype=np.float32
+        ), f"{n} random images ({name or 'the dataset'} not loaded: {reason})"
 
 
 def _onnx_logits(path: Path, images: np.ndarray) -> np.ndarray:
@@ -197,8 +202,10 @@ def _temp_beside(dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     except OSError as err:  # no permission, a read-only or virtual file system (/proc), ...
-        raise UsageError(f"cannot write --out {dest}: cannot create files in {dest.parent} "
-                         f"({err.strerror or err}); choose another path") from None  # fmt: skip
+        raise UsageError(
+            f"cannot write --out {dest}: cannot create files in {dest.parent} "
+            f"({err.strerror or err}); choose another path"
+        ) from None
     os.close(fd)
     return Path(name)
 
@@ -241,17 +248,25 @@ def export_onnx(
     if dest.is_dir():
         raise UsageError(f"--out {named} is a directory; give a file name such as {given / DEFAULT_NAME}")
     if dest.exists() and not dest.is_file():
-        raise UsageError(f"--out {named} is not a regular file (a device, FIFO or socket); "
-                         f"give a file name such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
+        raise UsageError(
+            f"--out {named} is not a regular file (a device, FIFO or socket); "
+            f"give a file name such as {ckpt.parent / DEFAULT_NAME}"
+        )
     if dest.exists() and os.path.samefile(dest, ckpt):  # any spelling or link of it: the export would replace it
-        raise UsageError(f"--out {given} is the checkpoint being exported and would be lost; "
-                         f"give another file such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
+        raise UsageError(
+            f"--out {given} is the checkpoint being exported and would be lost; "
+            f"give another file such as {ckpt.parent / DEFAULT_NAME}"
+        )
     if dest.name in RUN_FILES and dest.exists() and os.path.samefile(dest.parent, ckpt.parent):
-        raise UsageError(f"--out {given} is a file of the run being exported ({dest.name}) and would be lost; "
-                         f"give another file such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
+        raise UsageError(
+            f"--out {given} is a file of the run being exported ({dest.name}) and would be lost; "
+            f"give another file such as {ckpt.parent / DEFAULT_NAME}"
+        )
     if dest.exists() and dest.suffix.lower() != ".onnx":  # another run's checkpoint, a user's notes...
-        raise UsageError(f"--out {named} exists and is not an .onnx file; export replaces only an earlier export: "
-                         f"give a new file name or an .onnx file, such as {ckpt.parent / DEFAULT_NAME}")  # fmt: skip
+        raise UsageError(
+            f"--out {named} exists and is not an .onnx file; export replaces only an earlier export: "
+            f"give a new file name or an .onnx file, such as {ckpt.parent / DEFAULT_NAME}"
+        )
     classifier = load_checkpoint(ckpt)  # in fp32, as the export computes
     notes: list[str] = []
     images, source = verification_images(classifier, data_root)
@@ -260,8 +275,7 @@ def export_onnx(
     try:
         _export_to(classifier, opset, tmp)
         ref = _reference_logits(classifier, images)
-        diff = max(_max_abs_diff(_onnx_logits(tmp, images), ref),
-                   _max_abs_diff(_onnx_logits(tmp, images[:1]), ref[:1]))  # fmt: skip
+        diff = max(_max_abs_diff(_onnx_logits(tmp, images), ref), _max_abs_diff(_onnx_logits(tmp, images[:1]), ref[:1]))
         if not diff <= tolerance:  # also catches NaN
             raise CheckpointError(
                 f"export check failed: onnxruntime's logits differ from PyTorch's by {diff:.3g} (max abs, "
@@ -286,5 +300,7 @@ def run_export(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     print(f"wrote {result.path} (ONNX opset {result.opset}, {result.size_bytes / 1e6:.1f} MB)")
-    print(f"verified with onnxruntime on {result.verified_on}: max abs diff {result.max_abs_diff:.2e} (tolerance {TOLERANCE:g})")
+    print(
+        f"verified with onnxruntime on {result.verified_on}: max abs diff {result.max_abs_diff:.2e} (tolerance {TOLERANCE:g})"
+    )
     return 0

@@ -60,4 +60,6 @@ def read_head(path: Path, other: str) -> bytes:
     except OSError as err:
         if err.errno in (errno.EACCES, errno.EPERM):
             raise
-        raise CheckpointError(f"{path} cannot be read ({err.strerror or err}); check the disk, or use {other}") from None
+        raise CheckpointError(
+            f"{path} cannot be read ({err.strerror or err}); check the disk, or use {other}"
+        ) from None

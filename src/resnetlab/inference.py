@@ -82,8 +82,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     tensors, meta = read_checkpoint(path)
     spec = meta["model"]
     net = create_model(spec["name"], **spec["options"])
-    load_weights(net, prefixed(tensors, "model."), f"{path}: the weights do not fit the {spec['name']} {spec['options']} "
-                 "its metadata describes")  # fmt: skip
+    load_weights(
+        net,
+        prefixed(tensors, "model."),
+        f"{path}: the weights do not fit the {spec['name']} {spec['options']} its metadata describes",
+    )
     classifier = Classifier(
         net,
         Preprocess.from_config(meta["preprocessing"]),

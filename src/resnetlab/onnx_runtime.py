@@ -74,7 +74,9 @@ class OnnxClassifier:
         metadata: every ``metadata_props`` entry of the file.
     """
 
-    def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> None:
         (ort,) = require_onnx("running an ONNX model (predict --onnx)", ("onnxruntime",))
         p = Path(path)
         if p.is_dir():  # a run directory: its export
@@ -100,11 +102,15 @@ class OnnxClassifier:
         try:  # one blank image: a model that cannot run, or is no classifier, is refused here, not mid-predict
             out = np.asarray(self.logits(np.zeros((1, *self.input_shape), np.float32)))
         except Exception as err:  # onnxruntime raises its own pybind exception types
-            raise CheckpointError(f"{p} fails on a blank {'x'.join(map(str, self.input_shape))} image ({first_line(err)}); export it again") from None
+            raise CheckpointError(
+                f"{p} fails on a blank {'x'.join(map(str, self.input_shape))} image ({first_line(err)}); export it again"
+            ) from None
         self.classes = self._classes(out.shape[-1] if out.ndim else 0)
         if out.shape != (1, len(self.classes)):
-            raise CheckpointError(f"{p} outputs shape {list(out.shape)} for one image; a classifier outputs 1 x {len(self.classes)} "
-                                  "logits (one per class); export it with `resnetlab export`")  # fmt: skip
+            raise CheckpointError(
+                f"{p} outputs shape {list(out.shape)} for one image; a classifier outputs 1 x {len(self.classes)} "
+                "logits (one per class); export it with `resnetlab export`"
+            )
 
     def _input_shape(self, graph_shape: list[Any]) -> tuple[int, int, int]:
         raw = self.metadata.get(META_INPUT_SHAPE)

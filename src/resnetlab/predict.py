@@ -38,7 +38,9 @@ def read_image(path: str | Path, channels: int, height: int, width: int) -> np.n
     except Image.DecompressionBombError as err:  # not an OSError: Pillow refuses it before decoding
         raise ValueError(f"too large to decode safely ({err}); downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise ValueError(
+            f"not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from None
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
@@ -55,7 +57,9 @@ def run_predict(args: argparse.Namespace) -> int:
     images = list(args.images)
     if args.onnx:
         if args.precision != "fp32":
-            raise UsageError(f"--precision {args.precision} applies to a checkpoint; an ONNX model computes in fp32: drop it")
+            raise UsageError(
+                f"--precision {args.precision} applies to a checkpoint; an ONNX model computes in fp32: drop it"
+            )
         if args.checkpoint:  # with --onnx the first positional is an image, not a checkpoint
             images.insert(0, args.checkpoint)
         from resnetlab.onnx_runtime import OnnxClassifier

@@ -44,9 +44,27 @@ _COMMANDS = {
 
 # The integer flags of the bench commands and their least values (a peak matmul of side 0 divides
 # by zero, a negative side cannot be built; --resize 0 keeps the native size).
-_LEAST = {"steps": 1, "batch_size": 1, "block": 1, "warmup": 0, "workers": 0, "lever_batch_size": 1, "lever_steps": 1,
-          "reps": 1, "small_reps": 1, "seeds": 1, "resize": 0, "peak_size": 1, "bf16_peak_size": 1, "threads": 1,
-          "rounds": 1, "batches": 1, "size": 1, "epochs": 1, "subset": 0}  # fmt: skip
+_LEAST = {
+    "steps": 1,
+    "batch_size": 1,
+    "block": 1,
+    "warmup": 0,
+    "workers": 0,
+    "lever_batch_size": 1,
+    "lever_steps": 1,
+    "reps": 1,
+    "small_reps": 1,
+    "seeds": 1,
+    "resize": 0,
+    "peak_size": 1,
+    "bf16_peak_size": 1,
+    "threads": 1,
+    "rounds": 1,
+    "batches": 1,
+    "size": 1,
+    "epochs": 1,
+    "subset": 0,
+}
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -61,14 +79,18 @@ def run_bench(args: argparse.Namespace) -> int:
     seed = getattr(args, "seed", None)
     if seed is not None and not MIN_SEED <= seed <= MAX_SEED:
         raise UsageError(f"--seed must be in torch's range [-2**63, 2**64 - 1], not {seed}")
-    most = 4 * (os.cpu_count() or 1)  # threads, or worker processes with a copy of torch each (~350 MB): more cannot help
+    most = 4 * (
+        os.cpu_count() or 1
+    )  # threads, or worker processes with a copy of torch each (~350 MB): more cannot help
     threads = getattr(args, "threads", None)
     if threads is not None and threads > most:
         raise UsageError(f"--threads {threads} is more than 4 per CPU ({os.cpu_count()} here); use at most {most}")
     workers = getattr(args, "workers", None)
     if workers is not None and workers > most:
-        raise UsageError(f"--workers {workers} would start {workers} processes on {os.cpu_count()} CPUs; use at most {most} "
-                         "(the chapter uses 4)")  # fmt: skip
+        raise UsageError(
+            f"--workers {workers} would start {workers} processes on {os.cpu_count()} CPUs; use at most {most} "
+            "(the chapter uses 4)"
+        )
     if getattr(args, "threads", None) is not None:
         import torch
 
@@ -92,8 +114,10 @@ def check_batch_fits(side: int, channels: int, batch: int) -> None:
     except (ValueError, OSError, AttributeError):  # not POSIX (Windows): torch's own refusal remains
         return
     if need > memory:
-        raise UsageError(f"--resize {side} makes a batch of {batch} image(s) {need / 2**30:,.1f} GiB as floats, more than "
-                         f"this machine's {memory / 2**30:,.1f} GiB of memory; choose a smaller --resize or batch")  # fmt: skip
+        raise UsageError(
+            f"--resize {side} makes a batch of {batch} image(s) {need / 2**30:,.1f} GiB as floats, more than "
+            f"this machine's {memory / 2**30:,.1f} GiB of memory; choose a smaller --resize or batch"
+        )
 
 
 __all__ = ["check_batch_fits", "run_bench"]

@@ -21,9 +21,9 @@ import tempfile
 import time
 from typing import Any
 
-from resnetlab.device import cpu_info
 from resnetlab.bench.machine import cpu_line
 from resnetlab.bench.reference import CHAPTER, run_reference
+from resnetlab.device import cpu_info
 
 
 def run_accuracy_holds_bench(args: argparse.Namespace) -> int:
@@ -46,8 +46,17 @@ def run_accuracy_holds_bench(args: argparse.Namespace) -> int:
     say(cpu_line(info))
     t0 = time.perf_counter()
     say(f"reference (chapter loop), {args.epochs} epoch(s), seed {args.seed}:")
-    reference_args = dict(epochs=args.epochs, seed=args.seed, subset=args.subset, resize=resize or None, num_workers=workers,
-                          dataset=args.dataset, data_root=args.data_root, device=args.device, log=lambda m: say("  " + m))  # fmt: skip
+    reference_args = dict(
+        epochs=args.epochs,
+        seed=args.seed,
+        subset=args.subset,
+        resize=resize or None,
+        num_workers=workers,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        device=args.device,
+        log=lambda m: say("  " + m),
+    )
     ref = run_reference(**reference_args)
     t_ref = time.perf_counter() - t0
     control = None
@@ -57,30 +66,62 @@ def run_accuracy_holds_bench(args: argparse.Namespace) -> int:
     say(f"resnetlab train --recipe d2l, {args.epochs} epoch(s), seed {args.seed}:")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="resnetlab-acc-") as tmp:
-        ours = train("d2l", out=f"{tmp}/run", epochs=args.epochs, seed=args.seed, subset=args.subset or None, resize=resize,
-                     dataset=args.dataset, data_root=args.data_root, device=args.device, progress=False)  # fmt: skip
+        ours = train(
+            "d2l",
+            out=f"{tmp}/run",
+            epochs=args.epochs,
+            seed=args.seed,
+            subset=args.subset or None,
+            resize=resize,
+            dataset=args.dataset,
+            data_root=args.data_root,
+            device=args.device,
+            progress=False,
+        )
     t_ours = time.perf_counter() - t0
     gap = 100 * (ours.test_acc - ref["test_acc"])
     ok = abs(gap) <= args.tolerance
-    say(f"test accuracy: reference {ref['test_acc']:.4f}, resnetlab {ours.test_acc:.4f}: gap {gap:+.2f} points "
-        f"({'within' if ok else 'OUTSIDE'} {args.tolerance} points); wall {t_ref:.0f} s vs {t_ours:.0f} s")  # fmt: skip
+    say(
+        f"test accuracy: reference {ref['test_acc']:.4f}, resnetlab {ours.test_acc:.4f}: gap {gap:+.2f} points "
+        f"({'within' if ok else 'OUTSIDE'} {args.tolerance} points); wall {t_ref:.0f} s vs {t_ours:.0f} s"
+    )
     split = _split_the_gap(control, ref["test_acc"], ours.test_acc, say) if control else {}
     if args.json:
-        print(json.dumps({"reference_test_acc": ref["test_acc"], "resnetlab_test_acc": ours.test_acc,
-                          "gap_points": round(gap, 3), "tolerance_points": args.tolerance, "ok": ok,
-                          "epochs": args.epochs, "seed": args.seed, "subset": args.subset, "resize": resize,
-                          "reference_seconds": round(t_ref, 1), "resnetlab_seconds": round(t_ours, 1),
-                          "reference_history": ref["history"], "resnetlab_history": ours.history, **split,
-                          "cpu_class": info["cpu_class"]}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "reference_test_acc": ref["test_acc"],
+                    "resnetlab_test_acc": ours.test_acc,
+                    "gap_points": round(gap, 3),
+                    "tolerance_points": args.tolerance,
+                    "ok": ok,
+                    "epochs": args.epochs,
+                    "seed": args.seed,
+                    "subset": args.subset,
+                    "resize": resize,
+                    "reference_seconds": round(t_ref, 1),
+                    "resnetlab_seconds": round(t_ours, 1),
+                    "reference_history": ref["history"],
+                    "resnetlab_history": ours.history,
+                    **split,
+                    "cpu_class": info["cpu_class"],
+                }
+            )
+        )
     return 0 if ok else 1
 
 
 def _split_the_gap(control: dict[str, Any], ref_acc: float, our_acc: float, say: Any) -> dict[str, Any]:
     """The control run's figures: how much of the gap comes from the batch order, how much from the pixels."""
-    split = {"control_test_acc": control["test_acc"], "control_history": control["history"],
-             "gap_from_order_points": round(100 * (control["test_acc"] - ref_acc), 3),
-             "gap_from_pixels_points": round(100 * (our_acc - control["test_acc"]), 3)}  # fmt: skip
-    say(f"control (reference loop, resnetlab's order) {control['test_acc']:.4f}: "
+    split = {
+        "control_test_acc": control["test_acc"],
+        "control_history": control["history"],
+        "gap_from_order_points": round(100 * (control["test_acc"] - ref_acc), 3),
+        "gap_from_pixels_points": round(100 * (our_acc - control["test_acc"]), 3),
+    }
+    say(
+        f"control (reference loop, resnetlab's order) {control['test_acc']:.4f}: "
         f"{split['gap_from_order_points']:+.2f} points from the order, "
-        f"{split['gap_from_pixels_points']:+.2f} from the pixels")  # fmt: skip
+        f"{split['gap_from_pixels_points']:+.2f} from the pixels"
+    )
     return split

@@ -17,11 +17,11 @@ from torch import nn
 from resnetlab.bench.machine import num_threads, synchronize
 from resnetlab.bench.reference import PILDataset, chapter_transform, forever
 from resnetlab.data import BatchLoader, Preprocess, Split
+from resnetlab.device import autocast_dtype, resolve_precision
 from resnetlab.errors import UsageError
 from resnetlab.models import create_model
-from resnetlab.device import autocast_dtype, resolve_precision
-from resnetlab.train.step import NonFiniteLoss, augment_generator, make_optimizer, train_inputs, train_step, xavier_init
 from resnetlab.train.recipes import get_recipe
+from resnetlab.train.step import NonFiniteLoss, augment_generator, make_optimizer, train_inputs, train_step, xavier_init
 
 
 class Stepper(Protocol):
@@ -40,15 +40,38 @@ class ResnetlabTrainer:
         base_recipe: the recipe whose other fields (width, stem, init, optimizer, augmentation) apply.
     """
 
-    def __init__(self, train: Split, *, base_recipe: str = "d2l", model: str = "d2l_resnet18", batch_size: int = 256, resize: int | None = 96,
-                 lr: float = 0.05, seed: int = 0, device: str | torch.device = "cpu", channels_last: bool = True,
-                 compile: bool = False, precision: str = "auto", data: str = "memory", num_workers: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self,
+        train: Split,
+        *,
+        base_recipe: str = "d2l",
+        model: str = "d2l_resnet18",
+        batch_size: int = 256,
+        resize: int | None = 96,
+        lr: float = 0.05,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        channels_last: bool = True,
+        compile: bool = False,
+        precision: str = "auto",
+        data: str = "memory",
+        num_workers: int = 4,
+    ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda":  # as the loop does; a process-wide switch, so the reference side gets it too
             torch.backends.cudnn.benchmark = True
-        self.recipe = get_recipe(base_recipe, model=model, batch_size=batch_size, resize=resize or 0, lr=lr, seed=seed,
-                                 channels_last=channels_last, compile=compile, precision=precision,
-                                 device=str(self.device))  # fmt: skip
+        self.recipe = get_recipe(
+            base_recipe,
+            model=model,
+            batch_size=batch_size,
+            resize=resize or 0,
+            lr=lr,
+            seed=seed,
+            channels_last=channels_last,
+            compile=compile,
+            precision=precision,
+            device=str(self.device),
+        )
         self.precision = resolve_precision(self.recipe.precision, self.device)
         self.data = data
         c = train.images.shape[1]
@@ -70,8 +93,9 @@ class ResnetlabTrainer:
             self.loader: Any = BatchLoader(train, batch_size, shuffle=True, seed=seed, device=self.device)
             self._batches: Iterator[Any] = self._memory_batches()
         elif data == "dataloader":
-            self.loader = torch.utils.data.DataLoader(PILDataset(train, chapter_transform(resize)), batch_size,
-                                                      shuffle=True, num_workers=num_workers)  # fmt: skip
+            self.loader = torch.utils.data.DataLoader(
+                PILDataset(train, chapter_transform(resize)), batch_size, shuffle=True, num_workers=num_workers
+            )
             self._batches = forever(self.loader)
         else:
             raise ValueError(f"data must be 'memory' or 'dataloader', not {data!r}")
@@ -87,15 +111,25 @@ class ResnetlabTrainer:
         self.model.train()
         images, labels = next(self._batches)
         if images.dtype == torch.uint8:
-            x = train_inputs(images, self.recipe, self.preprocess, augment_generator(self.recipe.seed, 0, self.steps, 0))
+            x = train_inputs(
+                images, self.recipe, self.preprocess, augment_generator(self.recipe.seed, 0, self.steps, 0)
+            )
         else:
             x = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if self.recipe.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         try:  # the loop's own step; the finiteness check as the loop's: every step on the CPU
-            loss, logits = train_step(self.model, x, labels, self.optimizer, self.scaler, self.loss_fn, self.autocast,
-                                      check_finite=self.device.type == "cpu" or self.steps % 20 == 0)  # fmt: skip
+            loss, logits = train_step(
+                self.model,
+                x,
+                labels,
+                self.optimizer,
+                self.scaler,
+                self.loss_fn,
+                self.autocast,
+                check_finite=self.device.type == "cpu" or self.steps % 20 == 0,
+            )
         except NonFiniteLoss as err:
             raise NonFiniteLoss(f"{err} at benchmark step {self.steps}") from None
         (logits.argmax(dim=1) == labels).sum()  # the loop's running accuracy
@@ -160,9 +194,20 @@ class WithThreads:
             return self.inner.step()
 
 
-def measure_levers(train: Split, names: list[str], *, model: str, batch_size: int, resize: int | None, steps: int,
-                   warmup: int, device: torch.device, num_workers: int, base: dict[str, Any],
-                   log: Any = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+def measure_levers(
+    train: Split,
+    names: list[str],
+    *,
+    model: str,
+    batch_size: int,
+    resize: int | None,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    num_workers: int,
+    base: dict[str, Any],
+    log: Any = None,
+) -> dict[str, dict[str, Any]]:
     """For each lever: resnetlab's engine with it off vs on (everything else as ``base``), interleaved.
 
     ``ratio`` is images/s with the lever on over images/s with it off (> 1: the lever helps).
@@ -182,7 +227,10 @@ def measure_levers(train: Split, names: list[str], *, model: str, batch_size: in
             off["data"], on["data"] = "dataloader", "memory"
         common = dict(model=model, batch_size=batch_size, resize=resize, device=device, num_workers=num_workers)
         t0 = time.perf_counter()
-        steppers: dict[str, Stepper] = {"off": ResnetlabTrainer(train, **common, **off), "on": ResnetlabTrainer(train, **common, **on)}
+        steppers: dict[str, Stepper] = {
+            "off": ResnetlabTrainer(train, **common, **off),
+            "on": ResnetlabTrainer(train, **common, **on),
+        }
         if lever == "one_thread":  # on: 1 intra-op thread; off: torch's default (all cores)
             steppers["on"] = WithThreads(steppers["on"], 1)
         first = time.perf_counter()
@@ -195,11 +243,14 @@ def measure_levers(train: Split, names: list[str], *, model: str, batch_size: in
             "on_images_per_s": round(r["on"]["images_per_s"], 2),
             "off_images_per_s": round(r["off"]["images_per_s"], 2),
             "first_step_seconds": round(first, 1),
-            "batch_size": batch_size, "steps": steps,
+            "batch_size": batch_size,
+            "steps": steps,
             "seconds": round(time.perf_counter() - t0, 1),
-        }  # fmt: skip
+        }
         if log:
-            log(f"lever {lever}: x{results[lever]['ratio']:.2f} ({results[lever]['on_images_per_s']:.1f} vs "
-                f"{results[lever]['off_images_per_s']:.1f} images/s at batch {batch_size}, {steps} steps)")  # fmt: skip
+            log(
+                f"lever {lever}: x{results[lever]['ratio']:.2f} ({results[lever]['on_images_per_s']:.1f} vs "
+                f"{results[lever]['off_images_per_s']:.1f} images/s at batch {batch_size}, {steps} steps)"
+            )
         del steppers
     return results

@@ -15,9 +15,9 @@ import argparse
 import json
 import statistics
 
-from resnetlab.device import cpu_info
 from resnetlab.bench.machine import cpu_line, round_robin
 from resnetlab.data import BatchLoader, load_dataset
+from resnetlab.device import cpu_info
 from resnetlab.errors import UsageError
 from resnetlab.train import load_checkpoint
 from resnetlab.train.evaluate import evaluate
@@ -54,11 +54,21 @@ def run_eval_batch_bench(args: argparse.Namespace) -> int:
     median = {bs: statistics.median(s) for bs, s in seconds.items()}
     slowest = max(median.values())
     for bs in sizes:
-        print(f"batch {bs:>5}: {median[bs]:.2f} s per evaluation (median of {args.rounds}), "
-              f"{len(test) / median[bs]:.0f} test images/s, x{slowest / median[bs]:.2f} over the slowest")  # fmt: skip
+        print(
+            f"batch {bs:>5}: {median[bs]:.2f} s per evaluation (median of {args.rounds}), "
+            f"{len(test) / median[bs]:.0f} test images/s, x{slowest / median[bs]:.2f} over the slowest"
+        )
     if args.json:
-        print(json.dumps({"run": args.run, "tta": classifier.tta, "test_images": len(test),
-                          "seconds": {str(bs): [round(x, 3) for x in s] for bs, s in seconds.items()},
-                          "median_seconds": {str(bs): round(m, 3) for bs, m in median.items()},
-                          "cpu_class": info["cpu_class"]}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "run": args.run,
+                    "tta": classifier.tta,
+                    "test_images": len(test),
+                    "seconds": {str(bs): [round(x, 3) for x in s] for bs, s in seconds.items()},
+                    "median_seconds": {str(bs): round(m, 3) for bs, m in median.items()},
+                    "cpu_class": info["cpu_class"],
+                }
+            )
+        )
     return 0

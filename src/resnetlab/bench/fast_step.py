@@ -16,9 +16,9 @@ import json
 import torch
 
 from resnetlab.bench.engines import measure_levers
-from resnetlab.device import cpu_info
 from resnetlab.bench.machine import cpu_line
 from resnetlab.data import load_dataset
+from resnetlab.device import cpu_info
 from resnetlab.train import get_recipe
 
 
@@ -36,8 +36,18 @@ def run_fast_step_bench(args: argparse.Namespace) -> int:
     info = cpu_info()
     print(cpu_line(info))
     train, _ = load_dataset(args.dataset or r.dataset, root=args.data_root)
-    result = measure_levers(train, ["compile"], model=r.model, batch_size=r.batch_size, resize=r.resize or None,
-                            steps=args.steps, warmup=args.warmup, device=torch.device("cpu"), num_workers=0,
-                            base={"base_recipe": args.recipe, "lr": r.lr, "channels_last": r.channels_last}, log=print)  # fmt: skip
+    result = measure_levers(
+        train,
+        ["compile"],
+        model=r.model,
+        batch_size=r.batch_size,
+        resize=r.resize or None,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=torch.device("cpu"),
+        num_workers=0,
+        base={"base_recipe": args.recipe, "lr": r.lr, "channels_last": r.channels_last},
+        log=print,
+    )
     print(json.dumps({"recipe": args.recipe, **result["compile"], "cpu_class": info["cpu_class"]}))
     return 0

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from resnetlab.bench import check_batch_fits
-from resnetlab.device import environment
 from resnetlab.bench.machine import cpu_line, num_threads, peaks, round_robin
 from resnetlab.bench.reference import chapter_transform, init_weights
 from resnetlab.data import Preprocess, Split, load_dataset, to_float
+from resnetlab.device import environment
 from resnetlab.errors import UsageError
-from resnetlab.models import count_macs, create_model
 from resnetlab.inference import Classifier
+from resnetlab.models import count_macs, create_model
 
 
 def fold_batchnorm(net: nn.Module) -> nn.Module:
@@ -77,8 +77,15 @@ def run_infer_bench(args: argparse.Namespace) -> int:
         compile_seconds = _check_variants_agree(variants, test.images[:4])
         results = _time_variants(variants, test, batch_sizes, args, device)
     best, result = _infer_result(args, results, batch_sizes, size, macs, pk)
-    result.update({"variants": results, "forward_gflops_per_image": round(2 * macs / 1e9, 4), "compile_seconds": compile_seconds,
-                   **{k: pk[k] for k in ("fp32_peak_gflops", "bf16_peak_gflops")}, **env})  # fmt: skip
+    result.update(
+        {
+            "variants": results,
+            "forward_gflops_per_image": round(2 * macs / 1e9, 4),
+            "compile_seconds": compile_seconds,
+            **{k: pk[k] for k in ("fp32_peak_gflops", "bf16_peak_gflops")},
+            **env,
+        }
+    )
     for bs in batch_sizes:
         say(f"batch {bs}:")
         for name in variants:
@@ -124,8 +131,9 @@ def _variants(args: argparse.Namespace, test: Split, device: torch.device) -> tu
     net_cl.load_state_dict(net.state_dict())
     net_cl.eval().to(device).to(memory_format=torch.channels_last)
     cl = Classifier(net_cl, pre, test.classes, channels_last=True).eval()
-    folded = Classifier(fold_batchnorm(net_cl).to(memory_format=torch.channels_last), pre, test.classes,
-                        channels_last=True).eval()  # fmt: skip
+    folded = Classifier(
+        fold_batchnorm(net_cl).to(memory_format=torch.channels_last), pre, test.classes, channels_last=True
+    ).eval()
     variants: dict[str, Variant] = {
         "reference": reference,
         "nchw": lambda u: nchw(to_float(u.to(device))),
@@ -163,8 +171,9 @@ def _check_variants_agree(variants: dict[str, Variant], probe: torch.Tensor) -> 
     return compile_seconds
 
 
-def _time_variants(variants: dict[str, Variant], test: Split, batch_sizes: list[int], args: argparse.Namespace,
-                   device: torch.device) -> dict[str, dict[str, Any]]:  # fmt: skip
+def _time_variants(
+    variants: dict[str, Variant], test: Split, batch_sizes: list[int], args: argparse.Namespace, device: torch.device
+) -> dict[str, dict[str, Any]]:
     """variant -> batch size (as a string) -> the median call's images/s and latency, round-robin timed."""
     results: dict[str, dict[str, Any]] = {}
     for bs in batch_sizes:
@@ -176,13 +185,22 @@ def _time_variants(variants: dict[str, Variant], test: Split, batch_sizes: list[
         for name, ts in round_robin(calls, reps, device, warmup=1).items():
             med = statistics.median(ts)
             results.setdefault(name, {})[str(bs)] = {
-                "images_per_s": round(bs / med, 2), "latency_ms_per_image": round(1000 * med / bs, 3),
-                "call_ms": round(1000 * med, 3), "reps": reps}  # fmt: skip
+                "images_per_s": round(bs / med, 2),
+                "latency_ms_per_image": round(1000 * med / bs, 3),
+                "call_ms": round(1000 * med, 3),
+                "reps": reps,
+            }
     return results
 
 
-def _infer_result(args: argparse.Namespace, results: dict[str, dict[str, Any]], batch_sizes: list[int], size: int,
-                  macs: int, pk: dict[str, Any]) -> tuple[dict[int, str], dict[str, Any]]:  # fmt: skip
+def _infer_result(
+    args: argparse.Namespace,
+    results: dict[str, dict[str, Any]],
+    batch_sizes: list[int],
+    size: int,
+    macs: int,
+    pk: dict[str, Any],
+) -> tuple[dict[int, str], dict[str, Any]]:
     """(the fastest of resnetlab's variants per batch size, the per-batch figures against the reference)."""
     candidates = [n for n in results if n != "reference" and not n.endswith("_1thread")]
     best = {bs: max(candidates, key=lambda n: results[n][str(bs)]["images_per_s"]) for bs in batch_sizes}
@@ -191,15 +209,22 @@ def _infer_result(args: argparse.Namespace, results: dict[str, dict[str, Any]], 
         b = str(bs)
         ours, ref = results[best[bs]][b], results["reference"][b]
         result[f"batch{bs}"] = {
-            "resnetlab_images_per_s": ours["images_per_s"], "resnetlab_latency_ms": ours["latency_ms_per_image"],
-            "reference_images_per_s": ref["images_per_s"], "reference_latency_ms": ref["latency_ms_per_image"],
-            "ratio": round(ours["images_per_s"] / ref["images_per_s"], 3), "best_variant": best[bs],
+            "resnetlab_images_per_s": ours["images_per_s"],
+            "resnetlab_latency_ms": ours["latency_ms_per_image"],
+            "reference_images_per_s": ref["images_per_s"],
+            "reference_latency_ms": ref["latency_ms_per_image"],
+            "ratio": round(ours["images_per_s"] / ref["images_per_s"], 3),
+            "best_variant": best[bs],
             "gflops_per_s": round(ours["images_per_s"] * 2 * macs / 1e9, 2),
-        }  # fmt: skip
+        }
         if "channels_last_bn_folded_1thread" in results:
             one = results["channels_last_bn_folded_1thread"][b]["images_per_s"]
-            result[f"batch{bs}"]["one_thread_ratio"] = round(one / results["channels_last_bn_folded"][b]["images_per_s"], 3)
+            result[f"batch{bs}"]["one_thread_ratio"] = round(
+                one / results["channels_last_bn_folded"][b]["images_per_s"], 3
+            )
         result[f"images_per_s_batch{bs}"] = ours["images_per_s"]
         result[f"latency_ms_batch{bs}"] = ours["latency_ms_per_image"]
-        result[f"batch{bs}"]["fraction_of_fp32_peak"] = round(result[f"batch{bs}"]["gflops_per_s"] / pk["fp32_peak_gflops"], 4)
+        result[f"batch{bs}"]["fraction_of_fp32_peak"] = round(
+            result[f"batch{bs}"]["gflops_per_s"] / pk["fp32_peak_gflops"], 4
+        )
     return best, result

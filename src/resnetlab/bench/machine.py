@@ -37,8 +37,9 @@ def synchronize(device: torch.device) -> None:
 K = TypeVar("K")
 
 
-def round_robin(calls: dict[K, Callable[[], object]], rounds: int, device: torch.device | None = None,
-                warmup: int = 0) -> dict[K, list[float]]:  # fmt: skip
+def round_robin(
+    calls: dict[K, Callable[[], object]], rounds: int, device: torch.device | None = None, warmup: int = 0
+) -> dict[K, list[float]]:
     """Time each of ``calls`` once per round, in turn, so that machine load hits all of them alike.
 
     Unlike :func:`resnetlab.bench.engines.interleaved` (training steps, the first side alternating),
@@ -100,8 +101,12 @@ def peaks(device: torch.device, fp32_size: int = 2048, bf16_size: int = 512) -> 
     """fp32 and bf16 matmul peaks of this device, measured now. bf16 is kept small: it may be emulated."""
     fp32 = matmul_peak_gflops(fp32_size, torch.float32, device, reps=3)
     bf16 = matmul_peak_gflops(bf16_size, torch.bfloat16, device, reps=2)
-    return {"fp32_peak_gflops": round(fp32, 2), "bf16_peak_gflops": round(bf16, 2),
-            "bf16_over_fp32_peak": round(bf16 / fp32, 4), "peak_sizes": {"fp32": fp32_size, "bf16": bf16_size}}  # fmt: skip
+    return {
+        "fp32_peak_gflops": round(fp32, 2),
+        "bf16_peak_gflops": round(bf16, 2),
+        "bf16_over_fp32_peak": round(bf16 / fp32, 4),
+        "peak_sizes": {"fp32": fp32_size, "bf16": bf16_size},
+    }
 
 
 def training_flops_per_image(net: torch.nn.Module, in_chans: int, size: int, device: torch.device) -> tuple[int, int]:

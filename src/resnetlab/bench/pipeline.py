@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from resnetlab.device import environment
 from resnetlab.bench.machine import cpu_line, synchronize
 from resnetlab.bench.reference import PILDataset, chapter_transform
 from resnetlab.data import BatchLoader, Split, load_dataset, resize, to_float
+from resnetlab.device import environment
 
 
 def bench_resnetlab(split: Split, device: torch.device, size: int, batch_size: int, batches: int) -> float:
@@ -48,11 +48,19 @@ def bench_resnetlab(split: Split, device: torch.device, size: int, batch_size: i
     return n / (time.perf_counter() - t0)
 
 
-def bench_reference(split: Split, device: torch.device, size: int, batch_size: int, batches: int, workers: int) -> float:
+def bench_reference(
+    split: Split, device: torch.device, size: int, batch_size: int, batches: int, workers: int
+) -> float:
     """Images/s of the chapter's input path: a fresh DataLoader epoch over PIL-resized images, to ``device``."""
     g = torch.Generator().manual_seed(0)
-    dl = torch.utils.data.DataLoader(PILDataset(split, chapter_transform(size)), batch_size=batch_size, shuffle=True,
-                                     num_workers=workers, generator=g, pin_memory=device.type == "cuda")  # fmt: skip
+    dl = torch.utils.data.DataLoader(
+        PILDataset(split, chapter_transform(size)),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=g,
+        pin_memory=device.type == "cuda",
+    )
     n = 0
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(dl):
@@ -85,13 +93,27 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
     ref = bench_reference(train, device, args.size, args.batch_size, args.batches, args.workers)
     print(f"resnetlab BatchLoader+to_float+resize({args.size}): {ours:,.0f} images/s")
     print(f"chapter DataLoader (PIL resize, {args.workers} workers): {ref:,.0f} images/s")
-    print(f"speed-up: {ours / ref:.1f}x  ({args.batches} batches of {args.batch_size}, device {device}, "
-          f"{env['cores']} CPUs, torch {env['torch']})")  # fmt: skip
+    print(
+        f"speed-up: {ours / ref:.1f}x  ({args.batches} batches of {args.batch_size}, device {device}, "
+        f"{env['cores']} CPUs, torch {env['torch']})"
+    )
     if args.json:
-        print(json.dumps({
-            "resnetlab_images_per_s": round(ours, 1), "reference_images_per_s": round(ref, 1),
-            "ratio": round(ours / ref, 2), "batches": args.batches, "batch_size": args.batch_size, "size": args.size,
-            "workers": args.workers, "device": str(device), "cpus": env["cores"], "torch": env["torch"],
-            "python": env["python"], "cpu_class": env["cpu_class"],
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "resnetlab_images_per_s": round(ours, 1),
+                    "reference_images_per_s": round(ref, 1),
+                    "ratio": round(ours / ref, 2),
+                    "batches": args.batches,
+                    "batch_size": args.batch_size,
+                    "size": args.size,
+                    "workers": args.workers,
+                    "device": str(device),
+                    "cpus": env["cores"],
+                    "torch": env["torch"],
+                    "python": env["python"],
+                    "cpu_class": env["cpu_class"],
+                }
+            )
+        )
     return 0

@@ -125,8 +125,9 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(img), int(self.labels[i])
 
 
-def load_data(train: Split, test: Split, batch_size: int = 256, resize: int | None = 96,
-              num_workers: int = 4) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:  # fmt: skip
+def load_data(
+    train: Split, test: Split, batch_size: int = 256, resize: int | None = 96, num_workers: int = 4
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """``d2l.load_data_fashion_mnist(batch_size, resize)``: (train_iter, test_iter) DataLoaders."""
     trans = chapter_transform(resize)
     return (
@@ -173,7 +174,9 @@ def init_weights(m: nn.Module) -> None:
         nn.init.xavier_uniform_(m.weight)
 
 
-def chapter_net(model: str = "d2l_resnet18", num_classes: int = 10, in_chans: int = 1, seed: int | None = 0) -> nn.Module:
+def chapter_net(
+    model: str = "d2l_resnet18", num_classes: int = 10, in_chans: int = 1, seed: int | None = 0
+) -> nn.Module:
     """The chapter's network, built after ``torch.manual_seed(seed)`` as resnetlab builds its own.
 
     ``train_ch6`` then re-initialises it (:func:`init_weights`), so with the same seed the reference
@@ -209,8 +212,14 @@ def evaluate_accuracy_gpu(net: nn.Module, data_iter: torch.utils.data.DataLoader
     return correct / total
 
 
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss: nn.Module, X: torch.Tensor, y: torch.Tensor,
-               device: torch.device) -> tuple[float, float, int]:  # fmt: skip
+def train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+) -> tuple[float, float, int]:
     """One iteration of ``train_ch6``'s inner loop -> (loss sum, correct, examples)."""
     optimizer.zero_grad()
     X, y = X.to(device), y.to(device)
@@ -231,18 +240,36 @@ def forever(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor,
 class ReferenceTrainer:
     """The chapter's loop, one step at a time (for the benchmarks): ``step()`` -> images trained."""
 
-    def __init__(self, train: Split, *, model: str = "d2l_resnet18", batch_size: int = 256, resize: int | None = 96,
-                 lr: float = 0.05, num_workers: int = 4, seed: int = 0, device: str | torch.device = "cpu") -> None:  # fmt: skip
+    def __init__(
+        self,
+        train: Split,
+        *,
+        model: str = "d2l_resnet18",
+        batch_size: int = 256,
+        resize: int | None = 96,
+        lr: float = 0.05,
+        num_workers: int = 4,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.device = torch.device(device)
-        self.config = {**CHAPTER, "model": model, "batch_size": batch_size, "resize": resize, "lr": lr,
-                       "num_workers": num_workers, "seed": seed}  # fmt: skip
+        self.config = {
+            **CHAPTER,
+            "model": model,
+            "batch_size": batch_size,
+            "resize": resize,
+            "lr": lr,
+            "num_workers": num_workers,
+            "seed": seed,
+        }
         self.net = chapter_net(model, len(train.classes), train.images.shape[1], seed)
         self.net.apply(init_weights)  # as train_ch6
         self.net.to(self.device)
         self.optimizer = chapter_optimizer(self.net, lr)
         self.loss = nn.CrossEntropyLoss()
-        self.loader = torch.utils.data.DataLoader(PILDataset(train, chapter_transform(resize)), batch_size, shuffle=True,
-                                                  num_workers=num_workers)  # fmt: skip
+        self.loader = torch.utils.data.DataLoader(
+            PILDataset(train, chapter_transform(resize)), batch_size, shuffle=True, num_workers=num_workers
+        )
         self._batches = forever(self.loader)
 
     def step(self) -> int:
@@ -252,8 +279,15 @@ class ReferenceTrainer:
         return n
 
 
-def train_ch6(net: nn.Module, train_iter: Iterable[tuple[torch.Tensor, torch.Tensor]], test_iter: torch.utils.data.DataLoader,
-              num_epochs: int, lr: float, device: torch.device, log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+def train_ch6(
+    net: nn.Module,
+    train_iter: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    test_iter: torch.utils.data.DataLoader,
+    num_epochs: int,
+    lr: float,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """``d2l.train_ch6`` without the plot: Xavier init, SGD, CE; returns the final figures and history."""
     net.apply(init_weights)
     net.to(device)
@@ -273,21 +307,41 @@ def train_ch6(net: nn.Module, train_iter: Iterable[tuple[torch.Tensor, torch.Ten
         seconds = time.perf_counter() - t_epoch
         seen += metric[2]
         test_acc = evaluate_accuracy_gpu(net, test_iter, device)
-        row = {"epoch": epoch + 1, "train_loss": metric[0] / metric[2], "train_acc": metric[1] / metric[2],
-               "test_acc": test_acc, "images_per_s": metric[2] / seconds, "seconds": seconds}  # fmt: skip
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": metric[0] / metric[2],
+            "train_acc": metric[1] / metric[2],
+            "test_acc": test_acc,
+            "images_per_s": metric[2] / seconds,
+            "seconds": seconds,
+        }
         history.append(row)
-        log(f"epoch {epoch + 1}/{num_epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
-            f"test acc {test_acc:.3f}, {row['images_per_s']:.1f} examples/sec, {seconds:.1f} s")  # fmt: skip
+        log(
+            f"epoch {epoch + 1}/{num_epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
+            f"test acc {test_acc:.3f}, {row['images_per_s']:.1f} examples/sec, {seconds:.1f} s"
+        )
     last = history[-1]
     log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}")
     log(f"{seen / compute:.1f} examples/sec on {device}")
     return {**last, "compute_images_per_s": seen / compute, "history": history}
 
 
-def run_reference(*, epochs: int = 10, lr: float = 0.05, batch_size: int = 256, resize: int | None = 96,
-                  num_workers: int = 4, seed: int = 0, subset: int = 0, model: str = "d2l_resnet18",
-                  dataset: str = "fashion-mnist", data_root: str | None = None, device: str = "auto",
-                  resnetlab_order: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+def run_reference(
+    *,
+    epochs: int = 10,
+    lr: float = 0.05,
+    batch_size: int = 256,
+    resize: int | None = 96,
+    num_workers: int = 4,
+    seed: int = 0,
+    subset: int = 0,
+    model: str = "d2l_resnet18",
+    dataset: str = "fashion-mnist",
+    data_root: str | None = None,
+    device: str = "auto",
+    resnetlab_order: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train the chapter's way end to end; returns train_ch6's figures.
 
     ``resnetlab_order=True`` is the control :class:`PILBatchesInResnetlabOrder`: the training batches
@@ -318,16 +372,32 @@ def run_reference_bench(args: argparse.Namespace) -> int:
     Returns:
         0.
     """
-    from resnetlab.device import cpu_info
     from resnetlab.bench.machine import cpu_line
+    from resnetlab.device import cpu_info
 
-    chapter = {"epochs": CHAPTER["num_epochs"], "lr": CHAPTER["lr"], "batch_size": CHAPTER["batch_size"],
-               "resize": CHAPTER["resize"], "workers": CHAPTER["num_workers"], "model": CHAPTER["model"]}  # fmt: skip
+    chapter = {
+        "epochs": CHAPTER["num_epochs"],
+        "lr": CHAPTER["lr"],
+        "batch_size": CHAPTER["batch_size"],
+        "resize": CHAPTER["resize"],
+        "workers": CHAPTER["num_workers"],
+        "model": CHAPTER["model"],
+    }
     a = {k: chapter[k] if getattr(args, k) is None else getattr(args, k) for k in chapter}
     print(cpu_line(cpu_info()))
-    result = run_reference(epochs=a["epochs"], lr=a["lr"], batch_size=a["batch_size"], resize=a["resize"] or None,
-                           num_workers=a["workers"], seed=args.seed, subset=args.subset, model=a["model"],
-                           dataset=args.dataset, data_root=args.data_root, device=args.device)  # fmt: skip
+    result = run_reference(
+        epochs=a["epochs"],
+        lr=a["lr"],
+        batch_size=a["batch_size"],
+        resize=a["resize"] or None,
+        num_workers=a["workers"],
+        seed=args.seed,
+        subset=args.subset,
+        model=a["model"],
+        dataset=args.dataset,
+        data_root=args.data_root,
+        device=args.device,
+    )
     if args.json:
         print(json.dumps(result))
     return 0

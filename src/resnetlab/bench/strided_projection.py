@@ -29,8 +29,14 @@ CASES = {  # --cases name -> (printed name, model, options, input side, batch)
 }
 
 
-def train_steps(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
-                steps: int) -> None:  # fmt: skip
+def train_steps(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dtype: torch.dtype | None,
+    steps: int,
+) -> None:
     """``steps`` training steps of ``net`` on the one batch ``(x, y)``, under autocast to ``dtype`` (None: fp32)."""
     for _ in range(steps):
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -40,8 +46,9 @@ def train_steps(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
         opt.step()
 
 
-def time_case(name: str, options: dict, side: int, batch: int, dtype: torch.dtype | None, rounds: int,
-              steps: int) -> dict[str, float]:  # fmt: skip
+def time_case(
+    name: str, options: dict, side: int, batch: int, dtype: torch.dtype | None, rounds: int, steps: int
+) -> dict[str, float]:
     """Median milliseconds per training step of each variant, ``rounds`` interleaved rounds after one of warm-up."""
     torch.manual_seed(0)
     net = create_model(name, **options).to(memory_format=torch.channels_last)
@@ -80,7 +87,16 @@ def run_strided_projection_bench(args: argparse.Namespace) -> int:
     for key in names:
         case, name, options, side, batch = CASES[key]
         med = time_case(name, options, side, batch, autocast_dtype(precision), args.rounds, args.steps)
-        print(json.dumps({"case": case, "cpu_class": cpu_class(), "threads": torch.get_num_threads(), "precision": precision,
-                          "ms_per_step": {v: round(m, 1) for v, m in med.items()},
-                          "sliced_vs_strided": round(med["strided"] / med["sliced"], 3)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "case": case,
+                    "cpu_class": cpu_class(),
+                    "threads": torch.get_num_threads(),
+                    "precision": precision,
+                    "ms_per_step": {v: round(m, 1) for v, m in med.items()},
+                    "sliced_vs_strided": round(med["strided"] / med["sliced"], 3),
+                }
+            )
+        )
     return 0

@@ -18,10 +18,10 @@ import torch
 
 from resnetlab.bench import check_batch_fits
 from resnetlab.bench.engines import LEVERS, ResnetlabTrainer, interleaved, measure_levers
-from resnetlab.device import environment
 from resnetlab.bench.machine import cpu_line, peaks, training_flops_per_image
 from resnetlab.bench.reference import ReferenceTrainer
 from resnetlab.data import Split, load_dataset
+from resnetlab.device import environment
 from resnetlab.errors import UsageError
 from resnetlab.models import create_model
 
@@ -54,8 +54,10 @@ def run_train_bench(args: argparse.Namespace) -> int:
     block = args.block or (1 if device.type == "cpu" else 20)
     say = (lambda *_: None) if args.json else (lambda m: print(m, flush=True))
     env = environment(device)
-    say(f"{cpu_line(env)}, {env['cores']} cores, flags {' '.join(env['cpu_flags'])}, "
-        f"native bf16: {env['bf16_native']}; torch {env['torch']}; load average {env['load_average']}")  # fmt: skip
+    say(
+        f"{cpu_line(env)}, {env['cores']} cores, flags {' '.join(env['cpu_flags'])}, "
+        f"native bf16: {env['bf16_native']}; torch {env['torch']}; load average {env['load_average']}"
+    )
 
     train, _ = load_dataset(args.dataset, root=args.data_root)
     c, h, _w = train.images.shape[1:]
@@ -64,26 +66,42 @@ def run_train_bench(args: argparse.Namespace) -> int:
     check_batch_fits(size, c, max(batches))
 
     pk = peaks(device, args.peak_size, args.bf16_peak_size)
-    say(f"matmul peaks: fp32 {pk['fp32_peak_gflops']:.1f} GFLOP/s ({args.peak_size}^2), "
-        f"bf16 {pk['bf16_peak_gflops']:.2f} GFLOP/s ({args.bf16_peak_size}^2): bf16/fp32 = {pk['bf16_over_fp32_peak']:.3f}")  # fmt: skip
+    say(
+        f"matmul peaks: fp32 {pk['fp32_peak_gflops']:.1f} GFLOP/s ({args.peak_size}^2), "
+        f"bf16 {pk['bf16_peak_gflops']:.2f} GFLOP/s ({args.bf16_peak_size}^2): bf16/fp32 = {pk['bf16_over_fp32_peak']:.3f}"
+    )
     flops = _flops_per_image(args.model, train, size, batches)
     r, compile_seconds = _time_both_sides(args, train, device, size, block, say)
 
     lever_results: dict[str, Any] = {}
     if levers:
         base = {"channels_last": args.channels_last, "compile": False, "precision": "fp32", "data": "memory"}
-        lever_results = measure_levers(train, levers, model=args.model, batch_size=args.lever_batch_size,
-                                       resize=args.resize or None, steps=args.lever_steps, warmup=1, device=device,
-                                       num_workers=args.workers, base=base, log=say)  # fmt: skip
+        lever_results = measure_levers(
+            train,
+            levers,
+            model=args.model,
+            batch_size=args.lever_batch_size,
+            resize=args.resize or None,
+            steps=args.lever_steps,
+            warmup=1,
+            device=device,
+            num_workers=args.workers,
+            base=base,
+            log=say,
+        )
 
     result = _train_result(args, r, flops, pk, size=size, block=block, device=device, compile_seconds=compile_seconds)
     result.update({"levers": {k: v["ratio"] for k, v in lever_results.items()}, "lever_details": lever_results, **env})
     (fwd_flops, train_flops), ref_ips, our_ips = flops, r["reference"]["images_per_s"], r["resnetlab"]["images_per_s"]
     say(f"reference (chapter loop): {ref_ips:.1f} images/s ({ref_ips * train_flops / 1e9:.1f} GFLOP/s)")
-    say(f"resnetlab:                {our_ips:.1f} images/s ({our_ips * train_flops / 1e9:.1f} GFLOP/s = "
-        f"{result['fraction_of_fp32_peak']:.0%} of the fp32 peak, {result['fraction_of_bf16_peak']:.1f}x the bf16 peak)")  # fmt: skip
-    say(f"speed-up: x{result['ratio']:.2f} (median step: x{result['ratio_median_step']:.2f}); "
-        f"training FLOPs per image {train_flops / 1e9:.2f} G (3 x forward would be {3 * fwd_flops / 1e9:.2f} G)")  # fmt: skip
+    say(
+        f"resnetlab:                {our_ips:.1f} images/s ({our_ips * train_flops / 1e9:.1f} GFLOP/s = "
+        f"{result['fraction_of_fp32_peak']:.0%} of the fp32 peak, {result['fraction_of_bf16_peak']:.1f}x the bf16 peak)"
+    )
+    say(
+        f"speed-up: x{result['ratio']:.2f} (median step: x{result['ratio_median_step']:.2f}); "
+        f"training FLOPs per image {train_flops / 1e9:.2f} G (3 x forward would be {3 * fwd_flops / 1e9:.2f} G)"
+    )
     if args.json:
         print(json.dumps(result))
     return 0
@@ -100,28 +118,55 @@ def _flops_per_image(model: str, train: Split, size: int, batches: tuple[int, ..
     return training_flops_per_image(probe, c, size, torch.device("cpu"))
 
 
-def _time_both_sides(args: argparse.Namespace, train: Split, device: torch.device, size: int, block: int,
-                     say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], float]:  # fmt: skip
+def _time_both_sides(
+    args: argparse.Namespace, train: Split, device: torch.device, size: int, block: int, say: Callable[[str], None]
+) -> tuple[dict[str, dict[str, Any]], float]:
     """:func:`interleaved` figures of the chapter's loop and resnetlab's, and the seconds resnetlab took to compile."""
     batch, steps, warmup = args.batch_size, args.steps, args.warmup
-    ref = ReferenceTrainer(train, model=args.model, batch_size=batch, resize=args.resize or None,
-                           num_workers=args.workers, seed=args.seed, device=device)  # fmt: skip
-    ours = ResnetlabTrainer(train, model=args.model, batch_size=batch, resize=args.resize or None, seed=args.seed,
-                            device=device, channels_last=args.channels_last, compile=args.compile,
-                            precision=args.precision)  # fmt: skip
+    ref = ReferenceTrainer(
+        train,
+        model=args.model,
+        batch_size=batch,
+        resize=args.resize or None,
+        num_workers=args.workers,
+        seed=args.seed,
+        device=device,
+    )
+    ours = ResnetlabTrainer(
+        train,
+        model=args.model,
+        batch_size=batch,
+        resize=args.resize or None,
+        seed=args.seed,
+        device=device,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        precision=args.precision,
+    )
     t0 = time.perf_counter()
     if args.compile:
         ours.step()  # compilation outside the timed span (reported)
     compile_seconds = time.perf_counter() - t0 if args.compile else 0.0
-    say(f"timing {steps} steps of batch {batch} each ({args.model} at {size} px, {warmup} warm-up steps"
+    say(
+        f"timing {steps} steps of batch {batch} each ({args.model} at {size} px, {warmup} warm-up steps"
         f"{f', timed in runs of {block}' if block > 1 else ''}, "
         f"reference DataLoader with {args.workers} workers; resnetlab {ours.precision}"
-        f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''})")  # fmt: skip
+        f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''})"
+    )
     return interleaved({"reference": ref, "resnetlab": ours}, steps, warmup, block), compile_seconds
 
 
-def _train_result(args: argparse.Namespace, r: dict[str, dict[str, Any]], flops: tuple[int, int], pk: dict[str, Any], *,
-                  size: int, block: int, device: torch.device, compile_seconds: float) -> dict[str, Any]:  # fmt: skip
+def _train_result(
+    args: argparse.Namespace,
+    r: dict[str, dict[str, Any]],
+    flops: tuple[int, int],
+    pk: dict[str, Any],
+    *,
+    size: int,
+    block: int,
+    device: torch.device,
+    compile_seconds: float,
+) -> dict[str, Any]:
     """The figures of ``bench train`` (without the levers and the environment), as ``--json`` prints them."""
     from resnetlab.device import resolve_precision
 
@@ -132,7 +177,9 @@ def _train_result(args: argparse.Namespace, r: dict[str, dict[str, Any]], flops:
         "reference_images_per_s": round(ref_ips, 2),
         "resnetlab_images_per_s": round(our_ips, 2),
         "ratio": round(our_ips / ref_ips, 3),
-        "ratio_median_step": round(r["resnetlab"]["median_step_images_per_s"] / r["reference"]["median_step_images_per_s"], 3),
+        "ratio_median_step": round(
+            r["resnetlab"]["median_step_images_per_s"] / r["reference"]["median_step_images_per_s"], 3
+        ),
         "gflops_per_s": round(gflops, 2),
         "reference_gflops_per_s": round(ref_gflops, 2),
         "train_gflops_per_image": round(train_flops / 1e9, 4),
@@ -141,9 +188,18 @@ def _train_result(args: argparse.Namespace, r: dict[str, dict[str, Any]], flops:
         "fraction_of_fp32_peak": round(gflops / pk["fp32_peak_gflops"], 4),
         "fraction_of_bf16_peak": round(gflops / pk["bf16_peak_gflops"], 4),
         "reference_fraction_of_fp32_peak": round(ref_gflops / pk["fp32_peak_gflops"], 4),
-        "model": args.model, "resize": size, "dataset": args.dataset, "batch_size": args.batch_size, "steps": args.steps,
-        "warmup": args.warmup, "block": block, "seed": args.seed, "reference_workers": args.workers,
+        "model": args.model,
+        "resize": size,
+        "dataset": args.dataset,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "block": block,
+        "seed": args.seed,
+        "reference_workers": args.workers,
         "precision": resolve_precision(args.precision, device),
-        "channels_last": args.channels_last, "compile": args.compile, "compile_seconds": round(compile_seconds, 1),
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "compile_seconds": round(compile_seconds, 1),
         "step_seconds": {k: v["step_seconds"] for k, v in r.items()},
-    }  # fmt: skip
+    }

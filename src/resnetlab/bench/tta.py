@@ -51,13 +51,27 @@ def _epoch_record(run_dir: Path, epoch: int) -> tuple[float | None, float | None
         return None, None
 
 
-def time_one_seed(recipe: str, seed: int, target: float, extra: list[str], device: str | None,
-                  say: Any = None) -> dict[str, Any]:  # fmt: skip
+def time_one_seed(
+    recipe: str, seed: int, target: float, extra: list[str], device: str | None, say: Any = None
+) -> dict[str, Any]:
     """Run one training process; return when and where it reached ``target`` and its total time."""
     with tempfile.TemporaryDirectory(prefix="resnetlab-tta-") as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "resnetlab", "train", "--recipe", recipe, "--seed", str(seed), "--out", str(run_dir),
-               "--force", *(["--device", device] if device else []), *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "resnetlab",
+            "train",
+            "--recipe",
+            recipe,
+            "--seed",
+            str(seed),
+            "--out",
+            str(run_dir),
+            "--force",
+            *(["--device", device] if device else []),
+            *extra,
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         err_path = Path(tmp) / "stderr.txt"
         epochs: list[dict[str, Any]] = []
@@ -74,8 +88,13 @@ def time_one_seed(recipe: str, seed: int, target: float, extra: list[str], devic
                 epoch = int(m.group(1))
                 acc, train_seconds = _epoch_record(run_dir, epoch)
                 acc = acc if acc is not None or m.group(3) is None else float(m.group(3))
-                row = {"epoch": epoch, "of": int(m.group(2)), "test_acc": acc, "seconds": round(t, 2),
-                       "train_seconds": None if train_seconds is None else round(train_seconds, 2)}  # fmt: skip
+                row = {
+                    "epoch": epoch,
+                    "of": int(m.group(2)),
+                    "test_acc": acc,
+                    "seconds": round(t, 2),
+                    "train_seconds": None if train_seconds is None else round(train_seconds, 2),
+                }
                 epochs.append(row)
                 if say:
                     say(f"  seed {seed}: {t:7.1f} s  {line.strip()}")
@@ -89,14 +108,17 @@ def time_one_seed(recipe: str, seed: int, target: float, extra: list[str], devic
         if not epochs:
             raise TrainFailed(f"`{shlex.join(cmd)}` printed no epoch lines")
     return {
-        "seed": seed, "reached": crossed is not None,
+        "seed": seed,
+        "reached": crossed is not None,
         "seconds": crossed["seconds"] if crossed else None,
         "train_seconds": crossed["train_seconds"] if crossed else None,
         "epoch": crossed["epoch"] if crossed else None,
         "accuracy": crossed["test_acc"] if crossed else epochs[-1]["test_acc"],
-        "final_accuracy": epochs[-1]["test_acc"], "epochs_run": len(epochs),
-        "total_seconds": round(total, 2), "history": epochs,
-    }  # fmt: skip
+        "final_accuracy": epochs[-1]["test_acc"],
+        "epochs_run": len(epochs),
+        "total_seconds": round(total, 2),
+        "history": epochs,
+    }
 
 
 def median_or_none(values: list[float | None]) -> float | None:
@@ -117,8 +139,8 @@ def run_tta_bench(args: argparse.Namespace) -> int:
     Returns:
         0; the figures are printed (``--json``: one JSON object on the last line).
     """
-    from resnetlab.device import cpu_info
     from resnetlab.bench.machine import cpu_line
+    from resnetlab.device import cpu_info
 
     if not 0 < args.target <= 1:
         raise UsageError(f"--target is an accuracy in (0, 1], not {args.target}")
@@ -140,25 +162,46 @@ def run_tta_bench(args: argparse.Namespace) -> int:
         runs.append(r)
         if r["reached"]:
             trained = f", {r['train_seconds']:.1f} s of it training" if r["train_seconds"] is not None else ""
-            say(f"seed {seed}: {r['seconds']:.1f} s to test acc {r['accuracy']:.4f} >= {args.target} at epoch {r['epoch']}"
-                f"{trained} (process total {r['total_seconds']:.1f} s)")  # fmt: skip
+            say(
+                f"seed {seed}: {r['seconds']:.1f} s to test acc {r['accuracy']:.4f} >= {args.target} at epoch {r['epoch']}"
+                f"{trained} (process total {r['total_seconds']:.1f} s)"
+            )
         else:
-            say(f"seed {seed}: not reached (final test acc {r['final_accuracy']:.4f} < {args.target}; "
-                f"process total {r['total_seconds']:.1f} s)")  # fmt: skip
+            say(
+                f"seed {seed}: not reached (final test acc {r['final_accuracy']:.4f} < {args.target}; "
+                f"process total {r['total_seconds']:.1f} s)"
+            )
     med = median_or_none([r["seconds"] for r in runs])
     med_train = median_or_none([r["train_seconds"] if r["reached"] else None for r in runs])
-    say(f"median time to {args.target}: " + (f"{med:.1f} s ({med_train} s of training)" if med is not None else "not reached by most seeds")
-        + f" over {len(runs)} seed(s); median process total {statistics.median(r['total_seconds'] for r in runs):.1f} s")  # fmt: skip
+    say(
+        f"median time to {args.target}: "
+        + (f"{med:.1f} s ({med_train} s of training)" if med is not None else "not reached by most seeds")
+        + f" over {len(runs)} seed(s); median process total {statistics.median(r['total_seconds'] for r in runs):.1f} s"
+    )
     if args.json:
-        print(json.dumps({
-            "recipe": args.recipe, "target": args.target, "seeds": [r["seed"] for r in runs],
-            "seconds": [r["seconds"] for r in runs], "median_seconds": med,
-            "train_seconds": [r["train_seconds"] for r in runs], "median_train_seconds": med_train,
-            "epochs": [r["epoch"] for r in runs], "accuracies": [r["accuracy"] for r in runs],
-            "reached": [r["reached"] for r in runs], "final_accuracies": [r["final_accuracy"] for r in runs],
-            "total_seconds": [r["total_seconds"] for r in runs],
-            "median_total_seconds": round(statistics.median(r["total_seconds"] for r in runs), 2),
-            "train_args": extra, "device": args.device, "cpu": info["cpu"], "cores": info["cores"], "cpu_class": info["cpu_class"],
-            "runs": runs,
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "recipe": args.recipe,
+                    "target": args.target,
+                    "seeds": [r["seed"] for r in runs],
+                    "seconds": [r["seconds"] for r in runs],
+                    "median_seconds": med,
+                    "train_seconds": [r["train_seconds"] for r in runs],
+                    "median_train_seconds": med_train,
+                    "epochs": [r["epoch"] for r in runs],
+                    "accuracies": [r["accuracy"] for r in runs],
+                    "reached": [r["reached"] for r in runs],
+                    "final_accuracies": [r["final_accuracy"] for r in runs],
+                    "total_seconds": [r["total_seconds"] for r in runs],
+                    "median_total_seconds": round(statistics.median(r["total_seconds"] for r in runs), 2),
+                    "train_args": extra,
+                    "device": args.device,
+                    "cpu": info["cpu"],
+                    "cores": info["cores"],
+                    "cpu_class": info["cpu_class"],
+                    "runs": runs,
+                }
+            )
+        )
     return 0

@@ -16,8 +16,8 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from resnetlab.errors import DataError
 from resnetlab.data.sources import CIFAR10_CLASSES, CIFAR_TEST, CIFAR_TRAIN
+from resnetlab.errors import DataError
 
 RECORD = 1 + 3 * 32 * 32
 NUM_CLASSES = 10
@@ -54,7 +54,9 @@ def read_cifar_archive(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple
     except DataError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{path}: corrupt or truncated archive ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise DataError(
+            f"{path}: corrupt or truncated archive ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from None
     return train, test, classes
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resnetlab.errors import DataError, UsageError
 from resnetlab.data import sources
 from resnetlab.data.datasets import Split, load_dataset, load_location
+from resnetlab.errors import DataError, UsageError
 
 
 def run_data(args: argparse.Namespace) -> int:
@@ -40,7 +40,11 @@ def run_data(args: argparse.Namespace) -> int:
         for n in names:
             failures += _verify(n, root, out, explicit=name is not None)
         if failures:
-            raise DataError(failures[0] if len(failures) == 1 else f"{len(failures)} files failed verification: " + "; ".join(failures))
+            raise DataError(
+                failures[0]
+                if len(failures) == 1
+                else f"{len(failures)} files failed verification: " + "; ".join(failures)
+            )
         return 0
     if action == "fetch":
         for n in names:
@@ -140,4 +144,7 @@ def _fetch(name: str, root, out: _Printer) -> None:
     out(f"{name}: fetched into {new.directory}")
     first, _ = sources.locate(name, root)
     if first is not None and first.directory != new.directory:
-        print(f"resnetlab: warning: {first.directory} comes first in the lookup order and will be used; remove it", file=sys.stderr)
+        print(
+            f"resnetlab: warning: {first.directory} comes first in the lookup order and will be used; remove it",
+            file=sys.stderr,
+        )

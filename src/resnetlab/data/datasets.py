@@ -10,10 +10,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from resnetlab.errors import DataError, UsageError
 from resnetlab.data import sources
 from resnetlab.data.idx import read_idx
 from resnetlab.data.sources import DEFAULT_DATASET, Location
+from resnetlab.errors import DataError, UsageError
 
 
 @dataclass
@@ -28,9 +28,13 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise UsageError(f"Split.images must be a uint8 N x C x H x W tensor, not {self.images.dtype} {tuple(self.images.shape)}")
+            raise UsageError(
+                f"Split.images must be a uint8 N x C x H x W tensor, not {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise UsageError(f"Split.labels must be an int64 vector, not {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise UsageError(
+                f"Split.labels must be an int64 vector, not {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
         if len(self.labels) != len(self.images):
             raise UsageError(f"Split has {len(self.images)} images but {len(self.labels)} labels")
         if not self.images.is_contiguous():
@@ -55,8 +59,13 @@ class Split:
         if len(idx) and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
             raise UsageError(f"subset indices out of range for a split of {len(self)} images")
         idx = idx.to(self.images.device)
-        return Split(self.images.index_select(0, idx), self.labels.index_select(0, idx.to(self.labels.device)),
-                     self.classes, self.name, self.source)  # fmt: skip
+        return Split(
+            self.images.index_select(0, idx),
+            self.labels.index_select(0, idx.to(self.labels.device)),
+            self.classes,
+            self.name,
+            self.source,
+        )
 
     def class_counts(self) -> list[int]:
         """Number of images of each class, in ``classes`` order."""

@@ -119,9 +119,15 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             real = p.resolve() if p.is_symlink() else reals[d] / p.relative_to(d)
             first, first_label = seen.setdefault(real, (p, label))
             if first != p:  # also in one class: the hold-out could put one copy in training and one in test
-                where = f"classes {d.name} and {class_dirs[first_label].name}" if first_label != label else f"class {d.name} twice"
-                raise DataError(f"{p} and {first} are the same file ({real}), in {where}: a link makes one image count twice; "
-                                "remove the link")  # fmt: skip
+                where = (
+                    f"classes {d.name} and {class_dirs[first_label].name}"
+                    if first_label != label
+                    else f"class {d.name} twice"
+                )
+                raise DataError(
+                    f"{p} and {first} are the same file ({real}), in {where}: a link makes one image count twice; "
+                    "remove the link"
+                )
         files.extend((p, label) for p in imgs)
     return [d.name for d in class_dirs], files
 
@@ -146,19 +152,25 @@ def _check_class_links(root: Path, entries: list[Path], class_dirs: list[Path]) 
                 os.stat(p)
             except OSError as err:
                 if err.errno == errno.ELOOP:
-                    raise DataError(f"{p} is a symbolic link that loops; remove it or point it at a folder of images") from None
+                    raise DataError(
+                        f"{p} is a symbolic link that loops; remove it or point it at a folder of images"
+                    ) from None
     real_root = root.resolve()
     reals = {d: d.resolve() for d in class_dirs}
     fix = "remove the link, or point it at a folder of this class's images only"
     for d, real in reals.items():
         if real == real_root or real in real_root.parents:
-            raise DataError(f"{d} is a link to {real}, which holds the whole dataset {root}: every image would be in two classes; {fix}")
+            raise DataError(
+                f"{d} is a link to {real}, which holds the whole dataset {root}: every image would be in two classes; {fix}"
+            )
     for d, real in reals.items():
         for other, other_real in reals.items():
             if other != d and (real == other_real or other_real in real.parents):  # d's images are some of other's
                 link, target = (d, other) if d.is_symlink() else (other, d)
-                raise DataError(f"{link} is a link to {reals[link]}, which overlaps class folder {target}: the same images "
-                                f"would be in two classes; {fix}")  # fmt: skip
+                raise DataError(
+                    f"{link} is a link to {reals[link]}, which overlaps class folder {target}: the same images "
+                    f"would be in two classes; {fix}"
+                )
     return reals
 
 
@@ -168,8 +180,10 @@ def _check_classes(root: Path, classes: list[str]) -> None:
         return
     if classes[0] in ("train", "test", "val"):  # half of a train/test layout, read as PATH/<class>
         missing = "test/ or val/" if classes[0] == "train" else "train/"
-        raise DataError(f"{root} has {classes[0]}/ but no {missing} beside it: add it (PATH/train/<class>/..., "
-                        f"PATH/test/<class>/...), or put the class folders directly in {root} for a hold-out")  # fmt: skip
+        raise DataError(
+            f"{root} has {classes[0]}/ but no {missing} beside it: add it (PATH/train/<class>/..., "
+            f"PATH/test/<class>/...), or put the class folders directly in {root} for a hold-out"
+        )
     raise DataError(f"{root}: only one class ({classes[0]}); a classifier needs two or more class sub-folders")
 
 
@@ -196,7 +210,9 @@ def _probe(path: Path) -> tuple[tuple[int, int], str]:
         with Image.open(path) as im:
             return im.size, im.mode
     except Image.DecompressionBombError as err:  # not an OSError; every image is probed before _load opens it
-        raise DataError(f"{path}: too large to decode safely ({err}); downscale it or remove it from the folder") from None
+        raise DataError(
+            f"{path}: too large to decode safely ({err}); downscale it or remove it from the folder"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: unreadable image ({first_line(err)})") from None
 
@@ -209,8 +225,10 @@ def _load(files: list[tuple[Path, int]], size: tuple[int, int], channels: int) -
         images = np.empty((len(files), h, w, channels), dtype=np.uint8)
     except MemoryError:  # numpy refuses at once; a size that fits is the user's to choose
         need = len(files) * h * w * channels
-        raise DataError(f"{len(files)} images at {h}x{w}x{channels} need {need / 2**30:,.0f} GiB of memory, more than can be "
-                        f"allocated; choose a smaller size with folder:PATH?size=N (e.g. size=64)") from None  # fmt: skip
+        raise DataError(
+            f"{len(files)} images at {h}x{w}x{channels} need {need / 2**30:,.0f} GiB of memory, more than can be "
+            f"allocated; choose a smaller size with folder:PATH?size=N (e.g. size=64)"
+        ) from None
     labels = np.empty(len(files), dtype=np.int64)
     mode = "L" if channels == 1 else "RGB"
     for i, (path, label) in enumerate(files):
@@ -247,8 +265,10 @@ def parse_folder_name(name: str) -> tuple[str, dict[str, str]]:
         elif pairs and all(sep for _, sep, _ in pairs) and not _is_dir(Path(spec)) and _is_dir(Path(base)):
             # a "?" may belong to a directory's name, but here only the part before it is one
             unknown = ", ".join(k for k, _, _ in pairs if k not in FOLDER_OPTIONS)
-            raise UsageError(f"unknown folder option(s) {unknown} in {name}; the options are {', '.join(FOLDER_OPTIONS)}, "
-                             "e.g. folder:PATH?holdout=0.2&seed=1")  # fmt: skip
+            raise UsageError(
+                f"unknown folder option(s) {unknown} in {name}; the options are {', '.join(FOLDER_OPTIONS)}, "
+                "e.g. folder:PATH?holdout=0.2&seed=1"
+            )
     if not spec:
         raise UsageError("folder: needs a path, e.g. folder:/data/flowers")
     return spec, options
@@ -268,8 +288,9 @@ def folder_options(options: dict[str, str]) -> dict[str, object]:
             out["seed"] = int(options["seed"])
     except ValueError:
         given = "&".join(f"{k}={v}" for k, v in options.items())
-        raise UsageError(f"folder options {given} are not all numbers; e.g. size=32 (or 32x48), channels=1 or 3, "
-                         "holdout=0.2, seed=1") from None
+        raise UsageError(
+            f"folder options {given} are not all numbers; e.g. size=32 (or 32x48), channels=1 or 3, holdout=0.2, seed=1"
+        ) from None
     if isinstance(out.get("holdout"), float) and not math.isfinite(out["holdout"]):  # type: ignore[arg-type]
         raise UsageError("holdout must be finite")
     if not -(2**63) <= out.get("seed", 0) < 2**64:  # type: ignore[operator]

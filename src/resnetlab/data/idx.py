@@ -78,9 +78,7 @@ def parse_idx(data: bytes, source: str = "<bytes>", ndim: int | None = None) -> 
     return read_idx_stream(io.BytesIO(data), source, ndim=ndim, max_payload=len(data), exact=True)
 
 
-def read_idx_stream(
-    f: BinaryIO, source: str, *, ndim: int | None = None, max_payload: int, exact: bool
-) -> np.ndarray:
+def read_idx_stream(f: BinaryIO, source: str, *, ndim: int | None = None, max_payload: int, exact: bool) -> np.ndarray:
     """Read an IDX header and payload from a (possibly decompressing) stream.
 
     ``max_payload`` bounds what the header may claim (the file size for raw files, a deflate bound

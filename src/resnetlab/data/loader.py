@@ -31,8 +31,8 @@ from typing import Iterator
 
 import torch
 
-from resnetlab.errors import UsageError
 from resnetlab.data.datasets import Split
+from resnetlab.errors import UsageError
 
 SEED_STRIDE = 1_000_003
 
@@ -41,7 +41,9 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
     """The order of epoch ``epoch``: a pure function of (seed, epoch), computed on the CPU."""
     if not shuffle:
         return torch.arange(n)
-    g = torch.Generator().manual_seed((seed * SEED_STRIDE + epoch) % 2**64)  # torch's seed range; smaller values unchanged
+    g = torch.Generator().manual_seed(
+        (seed * SEED_STRIDE + epoch) % 2**64
+    )  # torch's seed range; smaller values unchanged
     return torch.randperm(n, generator=g)
 
 

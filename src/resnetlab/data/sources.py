@@ -51,9 +51,17 @@ from resnetlab.errors import DataError, UsageError
 from resnetlab.fileio import fsync_dir
 
 FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -88,14 +96,26 @@ DATASETS: dict[str, DatasetSpec] = {
         "fashion-mnist",
         "idx",
         (
-            FileSpec("train-images-idx3-ubyte.gz", md5="8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                     content_sha256="c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-            FileSpec("train-labels-idx1-ubyte.gz", md5="25c81989df183df01b3e8a0aad5dffbe",
-                     content_sha256="bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
-            FileSpec("t10k-images-idx3-ubyte.gz", md5="bef4ecab320f06d8554ea6380940ec79",
-                     content_sha256="5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-            FileSpec("t10k-labels-idx1-ubyte.gz", md5="bb300cfdad3c16e7a12a480ee83fd310",
-                     content_sha256="0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+            FileSpec(
+                "train-images-idx3-ubyte.gz",
+                md5="8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                content_sha256="c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            ),
+            FileSpec(
+                "train-labels-idx1-ubyte.gz",
+                md5="25c81989df183df01b3e8a0aad5dffbe",
+                content_sha256="bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            ),
+            FileSpec(
+                "t10k-images-idx3-ubyte.gz",
+                md5="bef4ecab320f06d8554ea6380940ec79",
+                content_sha256="5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            ),
+            FileSpec(
+                "t10k-labels-idx1-ubyte.gz",
+                md5="bb300cfdad3c16e7a12a480ee83fd310",
+                content_sha256="0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+            ),
         ),
         FASHION_CLASSES,
         apt_package="dataset-fashion-mnist",
@@ -117,7 +137,7 @@ DATASETS: dict[str, DatasetSpec] = {
         (FileSpec(CIFAR_ARCHIVE, md5="c32a1d4ab5d03f1284b67883e8d87530"),),
         CIFAR10_CLASSES,
     ),
-}  # fmt: skip
+}
 BUILTIN = tuple(DATASETS)
 DEFAULT_DATASET = "fashion-mnist"
 
@@ -206,12 +226,19 @@ def locate(name: str, root: str | os.PathLike | None = None) -> tuple[Location |
         if found is not None:
             form, files = found
             # a root the user named but that failed would otherwise pass unnoticed (a typo, a damaged copy)
-            for given in dict.fromkeys(p.label for p in places if p.label in ("--root", "$RESNETLAB_DATA") and p.label != label):
-                base = next(p.path for p in reversed(places) if p.label == given)  # the base itself, searched after base/NAME
+            for given in dict.fromkeys(
+                p.label for p in places if p.label in ("--root", "$RESNETLAB_DATA") and p.label != label
+            ):
+                base = next(
+                    p.path for p in reversed(places) if p.label == given
+                )  # the base itself, searched after base/NAME
                 # "--root" is the label of a root given as an argument: `data --root`, or --data-root of train and eval
                 what = f"the data root {base}" if given == "--root" else f"RESNETLAB_DATA={base}"
-                warnings.warn(f"{what} holds no usable {name} (see `resnetlab data info {name} --root {base}`); "
-                              f"using {d} ({label}). Fix or drop it", stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"{what} holds no usable {name} (see `resnetlab data info {name} --root {base}`); "
+                    f"using {d} ({label}). Fix or drop it",
+                    stacklevel=2,
+                )
             return Location(name, d, label, files, form), places
         place.note = note
     return None, places

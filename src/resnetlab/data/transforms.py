@@ -113,8 +113,8 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
         return x
     dev = xb.device
     padded = F.pad(xb, (padding, padding, padding, padding))
-    rows = (_to(oy, dev)[:, None] + torch.arange(h, device=dev))  # n x h
-    cols = (_to(ox, dev)[:, None] + torch.arange(w, device=dev))  # n x w
+    rows = _to(oy, dev)[:, None] + torch.arange(h, device=dev)  # n x h
+    cols = _to(ox, dev)[:, None] + torch.arange(w, device=dev)  # n x w
     # gather rows then columns: index the padded batch per image
     idx_r = rows[:, None, :, None].expand(n, xb.shape[1], h, padded.shape[-1])
     out = padded.gather(2, idx_r)
@@ -211,12 +211,18 @@ class Preprocess(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.size is not None:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=self.antialias)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=self.antialias
+            )
         return (x - self.mean) / self.std
 
     def config(self) -> dict:
-        return {"size": self.size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
-                "antialias": self.antialias}  # fmt: skip
+        return {
+            "size": self.size,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+            "antialias": self.antialias,
+        }
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Preprocess":

@@ -1,9 +1,9 @@
 """Residual networks: the D2L chapter's ResNet-18 and the He et al. family, built from a registry.
 
-    >>> from resnetlab.models import create_model, list_models
-    >>> model = create_model("d2l_resnet18")          # 1 channel, 10 classes, as the chapter
-    >>> model = create_model("resnet50", num_classes=1000, in_chans=3)   # torchvision layout
-    >>> model = create_model("preact_resnet18", stem="small", width=32)  # 28-32 px inputs
+>>> from resnetlab.models import create_model, list_models
+>>> model = create_model("d2l_resnet18")          # 1 channel, 10 classes, as the chapter
+>>> model = create_model("resnet50", num_classes=1000, in_chans=3)   # torchvision layout
+>>> model = create_model("preact_resnet18", stem="small", width=32)  # 28-32 px inputs
 """
 
 from __future__ import annotations

@@ -147,7 +147,9 @@ class Residual(nn.Module):
         nn.init.zeros_(self.bn2.weight)
 
 
-def resnet_block(input_channels: int, num_channels: int, num_residuals: int, first_block: bool = False) -> list[Residual]:
+def resnet_block(
+    input_channels: int, num_channels: int, num_residuals: int, first_block: bool = False
+) -> list[Residual]:
     """One ResNet module of the chapter: a list of ``num_residuals`` Residual blocks.
 
     The first block of every module but the first halves the resolution and changes the

@@ -64,7 +64,9 @@ class PretrainedReport:
 def weights_file(path: str | os.PathLike) -> Path:
     """``path`` if it is a file (a run directory: its checkpoint), else a CheckpointError saying what to give."""
     p = Path(path)
-    if p.is_dir() and (p / CHECKPOINT_NAME).is_file():  # fine-tuning from a resnetlab run, as every other command takes it
+    if (
+        p.is_dir() and (p / CHECKPOINT_NAME).is_file()
+    ):  # fine-tuning from a resnetlab run, as every other command takes it
         p = p / CHECKPOINT_NAME
     if not p.is_file():
         raise CheckpointError(f"no weights file at {p}; give a torchvision/timm .pth, .pt or .safetensors file")
@@ -89,14 +91,26 @@ def _read_torch(p: Path) -> Any:
             f"{p} carries non-weight objects ({what}); it is refused because unpickling it could run code. "
             "Re-save only the state dict (torch.save(model.state_dict(), ...)) or use .safetensors"
         ) from None
-    except (EOFError, OSError, ValueError, RuntimeError, struct.error, IndexError, KeyError, AssertionError, TypeError,
-            zipfile.BadZipFile) as err:  # how damaged bytes surface; anything else (MemoryError, a bug) is not hidden
+    except (
+        EOFError,
+        OSError,
+        ValueError,
+        RuntimeError,
+        struct.error,
+        IndexError,
+        KeyError,
+        AssertionError,
+        TypeError,
+        zipfile.BadZipFile,
+    ) as err:  # how damaged bytes surface; anything else (MemoryError, a bug) is not hidden
         if isinstance(err, RuntimeError) and ("weights only" in str(err).lower() or "weights_only" in str(err)):
             raise CheckpointError(
                 f"{p} carries non-weight objects and is refused (unpickling it could run code); "
                 "re-save only the state dict or use .safetensors"
             ) from None
-        raise CheckpointError(f"{p} is not a readable torch.save file ({first_line(err)}); it may be truncated") from None
+        raise CheckpointError(
+            f"{p} is not a readable torch.save file ({first_line(err)}); it may be truncated"
+        ) from None
 
 
 def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
@@ -126,7 +140,9 @@ def _state_dict(obj: Any, p: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{p} holds {type(obj).__name__}, not a state dict of tensors")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{p} is not a plain state dict: {bad[0]!r} holds {type(obj[bad[0]]).__name__}, not a tensor")
+        raise CheckpointError(
+            f"{p} is not a plain state dict: {bad[0]!r} holds {type(obj[bad[0]]).__name__}, not a tensor"
+        )
     sd = {str(k): v for k, v in obj.items()}
     for prefix in ("module.", "_orig_mod."):  # DataParallel/DDP, torch.compile
         if all(k.startswith(prefix) for k in sd):
@@ -151,11 +167,15 @@ def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
         elif i == 3:
             w = w.sum(dim=1, keepdim=True)
         else:
-            raise CheckpointError(f"cannot adapt a {i}-channel stem to 1 channel; only RGB (3-channel) stems are adapted")
+            raise CheckpointError(
+                f"cannot adapt a {i}-channel stem to 1 channel; only RGB (3-channel) stems are adapted"
+            )
     elif i == 3:
         w = w.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / float(in_chans))
     else:
-        raise CheckpointError(f"cannot adapt a {i}-channel stem to {in_chans} channels; only RGB (3-channel) stems are adapted")
+        raise CheckpointError(
+            f"cannot adapt a {i}-channel stem to {in_chans} channels; only RGB (3-channel) stems are adapted"
+        )
     return w.to(dtype)
 
 
@@ -183,12 +203,17 @@ def describe_weights(sd: dict[str, torch.Tensor]) -> str:
         stages.append(max(idx) + 1 if idx else 0)
     block = "bottleneck" if any(re.match(r"layer\d\.\d+\.conv3\.", k) for k in sd) else "basic"
     parts = []
-    name = next((n for n, c in MODELS.items() if not c.d2l and not c.preact and c.block == block and list(c.layers) == stages), None)
+    name = next(
+        (n for n, c in MODELS.items() if not c.d2l and not c.preact and c.block == block and list(c.layers) == stages),
+        None,
+    )
     parts.append(name or f"{block} blocks {stages}")
     stem = sd.get("conv1.weight")
     if stem is not None and stem.dim() == 4:
         parts.append(f"width {stem.shape[0]}")
-        parts.append({7: "imagenet stem", 3: "small stem"}.get(stem.shape[-1], f"{stem.shape[-1]}x{stem.shape[-1]} stem"))
+        parts.append(
+            {7: "imagenet stem", 3: "small stem"}.get(stem.shape[-1], f"{stem.shape[-1]}x{stem.shape[-1]} stem")
+        )
         parts.append(f"{stem.shape[1]} input channels")
     fc = sd.get("fc.weight")
     if fc is not None:
@@ -205,10 +230,15 @@ def _model_label(model: nn.Module) -> str:
 
 
 def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    )
 
 
-def load_pretrained(model: nn.Module | str, path: str | os.PathLike, *, verbose: bool = True, **options: Any) -> nn.Module:
+def load_pretrained(
+    model: nn.Module | str, path: str | os.PathLike, *, verbose: bool = True, **options: Any
+) -> nn.Module:
     """Load torchvision or timm ResNet weights into ``model`` (in place) and return it.
 
     Args:
@@ -245,18 +275,27 @@ def load_pretrained(model: nn.Module | str, path: str | os.PathLike, *, verbose:
     _adapt_stem(sd, target, report)
     _reset_head(sd, target, _head(model), report)
     optional = {k for k in target if k.endswith("num_batches_tracked")}  # absent from old torchvision files
-    _check_fit(sd, target, optional, report, f"weights in {path} do not fit {_model_label(model)}: the file looks like "
-               f"{describe_weights(original)}")  # fmt: skip
+    _check_fit(
+        sd,
+        target,
+        optional,
+        report,
+        f"weights in {path} do not fit {_model_label(model)}: the file looks like {describe_weights(original)}",
+    )
     sd = {k: v for k, v in sd.items() if k in target}
     broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:  # training from them fails at step 0 with "loss is nan ... lower --lr", which is not the cause
-        raise CheckpointError(f"{path} holds non-finite (NaN or inf) weights in {len(broken)} tensor(s), e.g. {broken[0]}; "
-                              "it is damaged: use other weights")  # fmt: skip
+        raise CheckpointError(
+            f"{path} holds non-finite (NaN or inf) weights in {len(broken)} tensor(s), e.g. {broken[0]}; "
+            "it is damaged: use other weights"
+        )
     with torch.no_grad():
         result = model.load_state_dict(sd, strict=False)
     left = [k for k in result.missing_keys if k not in optional and k not in report.reset]
     if left or result.unexpected_keys:  # cannot happen after the checks above; never load half a model silently
-        raise CheckpointError(f"weights in {path} did not load: missing {left[:_SHOW]}, unexpected {result.unexpected_keys[:_SHOW]}")
+        raise CheckpointError(
+            f"weights in {path} did not load: missing {left[:_SHOW]}, unexpected {result.unexpected_keys[:_SHOW]}"
+        )
     report.loaded = len(sd)
     for note in report.notes:
         log.info(note)
@@ -278,7 +317,9 @@ def _adapt_stem(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], re
             report.notes.append(f"stem {stem} adapted from {w.shape[1]} to {t.shape[1]} input channels ({how})")
 
 
-def _reset_head(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], head: str | None, report: PretrainedReport) -> None:
+def _reset_head(
+    sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], head: str | None, report: PretrainedReport
+) -> None:
     """Another number of classes: the file's classifier is dropped and the model keeps its fresh head."""
     hw, hb = f"{head}.weight", f"{head}.bias"
     if head is not None and hw in sd and hw in target:
@@ -294,8 +335,13 @@ def _reset_head(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], he
             )
 
 
-def _check_fit(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], optional: set[str], report: PretrainedReport,
-               what: str) -> None:  # fmt: skip
+def _check_fit(
+    sd: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    optional: set[str],
+    report: PretrainedReport,
+    what: str,
+) -> None:
     """Raise a one-line CheckpointError (``what`` and the first differences) unless ``sd`` fits ``target``."""
     missing = [k for k in target if k not in sd and k not in optional and k not in report.reset]
     unexpected = [k for k in sd if k not in target]
@@ -303,10 +349,14 @@ def _check_fit(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], opt
     if missing or unexpected or shapes:
         parts = []
         if shapes:
-            parts.append(f"{len(shapes)} shapes differ: " + ", ".join(
-                f"{k} file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}" for k in shapes[:_SHOW]))  # fmt: skip
+            parts.append(
+                f"{len(shapes)} shapes differ: "
+                + ", ".join(f"{k} file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}" for k in shapes[:_SHOW])
+            )
         if missing:
             parts.append(f"{len(missing)} missing from the file: {', '.join(missing[:_SHOW])}")
         if unexpected:
             parts.append(f"{len(unexpected)} not in the model: {', '.join(unexpected[:_SHOW])}")
-        raise CheckpointError(f"{what}; " + "; ".join(parts) + ". Build the model that matches the file (model name, width, stem)")
+        raise CheckpointError(
+            f"{what}; " + "; ".join(parts) + ". Build the model that matches the file (model name, width, stem)"
+        )

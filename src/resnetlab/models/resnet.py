@@ -54,9 +54,13 @@ def validate_options(num_classes: Any, in_chans: Any, stem: Any, width: Any, zer
         zero_init_residual: a bool.
     """
     if not _is_int(num_classes) or num_classes < 1:
-        raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}; pass the dataset's class count, e.g. 10")
+        raise UsageError(
+            f"num_classes must be a positive integer, got {num_classes!r}; pass the dataset's class count, e.g. 10"
+        )
     if not _is_int(in_chans) or in_chans < 1:
-        raise UsageError(f"in_chans must be a positive integer, got {in_chans!r}; use 1 for grayscale or 3 for RGB images")
+        raise UsageError(
+            f"in_chans must be a positive integer, got {in_chans!r}; use 1 for grayscale or 3 for RGB images"
+        )
     if stem not in STEMS:
         choices = " or ".join(f"{k!r} ({v})" for k, v in STEMS.items())
         raise UsageError(f"unknown stem {stem!r}; use {choices}")
@@ -75,7 +79,13 @@ def _validate_layers(layers: Sequence[int]) -> tuple[int, int, int, int]:
 
 def _resolved(num_classes: int, in_chans: int, stem: str, width: int, zero_init_residual: bool) -> dict[str, Any]:
     # The model contract: create_model(model.name, **model.options) rebuilds the model.
-    return {"num_classes": num_classes, "in_chans": in_chans, "stem": stem, "width": width, "zero_init_residual": zero_init_residual}
+    return {
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "stem": stem,
+        "width": width,
+        "zero_init_residual": zero_init_residual,
+    }
 
 
 def d2l_resnet(
@@ -111,7 +121,9 @@ def d2l_resnet(
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
         )
     else:
-        b1 = nn.Sequential(nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        b1 = nn.Sequential(
+            nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
     channels = [width, width * 2, width * 4, width * 8]
     stages = []
     previous = width
@@ -167,7 +179,9 @@ class ResNet(nn.Module):
         validate_options(num_classes, in_chans, stem, width, zero_init_residual)
         layers = _validate_layers(layers)
         if block not in (BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck):
-            raise UsageError(f"block must be BasicBlock, Bottleneck, PreActBasicBlock or PreActBottleneck, got {block!r}")
+            raise UsageError(
+                f"block must be BasicBlock, Bottleneck, PreActBasicBlock or PreActBottleneck, got {block!r}"
+            )
         self.name: str | None = None  # set by create_model
         self.options = _resolved(num_classes, in_chans, stem, width, zero_init_residual)
         self.preact = block.preact
@@ -180,7 +194,9 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         # Identity keeps one forward and one set of names for both stems.
-        self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
+        self.maxpool: nn.Module = (
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
+        )
         self.layer1 = self._make_layer(block, width, layers[0])
         self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
         self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)

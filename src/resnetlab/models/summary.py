@@ -168,7 +168,9 @@ def _probe_min_size(model: nn.Module, in_chans: int) -> int:
         last_rejected = size
         size *= 2
         if size > _PROBE_LIMIT:
-            raise UsageError(f"{_label(model)} rejects every square input up to {_PROBE_LIMIT}x{_PROBE_LIMIT} with {in_chans} channels")
+            raise UsageError(
+                f"{_label(model)} rejects every square input up to {_PROBE_LIMIT}x{_PROBE_LIMIT} with {in_chans} channels"
+            )
     lo, hi = last_rejected, size  # lo rejected (or 0), hi accepted
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -252,7 +254,9 @@ def check_input_size(model: nn.Module, size: int | Sequence[int]) -> None:
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     smallest = min_input_size(model)
     if h < smallest or w < smallest:
-        raise UsageError(f"input {h}x{w} is too small for {_label(model)}; the smallest it accepts is {smallest}x{smallest}")
+        raise UsageError(
+            f"input {h}x{w} is too small for {_label(model)}; the smallest it accepts is {smallest}x{smallest}"
+        )
 
 
 _SHAPE_FORM = "NxCxHxW, e.g. 1x1x224x224"

@@ -25,8 +25,14 @@ def run_train(args: argparse.Namespace) -> int:
     from resnetlab.train.request import check_train_request
 
     overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
-    request = dict(out=args.out, resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every or 0,
-                   init_from=args.init_from, **overrides)  # fmt: skip
+    request = dict(
+        out=args.out,
+        resume=args.resume,
+        force=args.force,
+        checkpoint_every=args.checkpoint_every or 0,
+        init_from=args.init_from,
+        **overrides,
+    )
     if args.nproc is not None and "RANK" not in os.environ:
         if args.nproc < 1:
             raise UsageError(f"--nproc must be >= 1, not {args.nproc}")
@@ -113,8 +119,8 @@ def _launch_torchrun(nproc: int) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from resnetlab.data import BatchLoader, load_dataset
-    from resnetlab.inference import load_checkpoint
     from resnetlab.device import resolve_device, resolve_precision, warn_if_emulated
+    from resnetlab.inference import load_checkpoint
     from resnetlab.train.evaluate import accuracy, evaluate, require_test_images
 
     device = resolve_device(args.device)
@@ -126,7 +132,9 @@ def run_eval(args: argparse.Namespace) -> int:
     _, test = load_dataset(dataset, root=args.data_root or meta.get("data_root"))
     require_test_images(test, dataset)
     if list(test.images.shape[1:]) != list(meta["input_shape"]):
-        raise UsageError(f"{dataset} images are {tuple(test.images.shape[1:])} but the model takes {tuple(meta['input_shape'])}")
+        raise UsageError(
+            f"{dataset} images are {tuple(test.images.shape[1:])} but the model takes {tuple(meta['input_shape'])}"
+        )
     if test.classes != classifier.classes:
         if len(test.classes) != len(classifier.classes):
             differ = f"{dataset} has {len(test.classes)} classes but the model was trained on {len(classifier.classes)}"
@@ -138,9 +146,14 @@ def run_eval(args: argparse.Namespace) -> int:
     confusion = evaluate(classifier, BatchLoader(test, batch, device=device), len(test.classes))
     total = confusion.sum().item()
     per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1)).tolist()
-    result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "images": total,
-              "accuracy": accuracy(confusion),
-              "per_class_accuracy": dict(zip(test.classes, per_class)), "confusion": confusion.tolist()}  # fmt: skip
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": dataset,
+        "images": total,
+        "accuracy": accuracy(confusion),
+        "per_class_accuracy": dict(zip(test.classes, per_class)),
+        "confusion": confusion.tolist(),
+    }
     if args.json:
         print(json.dumps(result))
         return 0

@@ -20,6 +20,7 @@ from torch import nn
 
 from resnetlab.errors import CheckpointError
 
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int

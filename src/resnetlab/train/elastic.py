@@ -67,9 +67,15 @@ def record_step_loss(epoch: int, step: int, loss: torch.Tensor, count: int) -> N
     path = os.environ.get(STEP_LOSS_ENV)
     if not path:
         return
-    t = torch.stack([loss.detach().double() * count, torch.tensor(float(count), dtype=torch.float64, device=loss.device)])
+    t = torch.stack(
+        [loss.detach().double() * count, torch.tensor(float(count), dtype=torch.float64, device=loss.device)]
+    )
     t = all_reduce_sum(t).tolist()
     if not active() or td.get_rank() == 0:
         with open(path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "step": step, "loss": t[0] / t[1], "count": int(t[1]),
-                                "restart": restart_count()}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {"epoch": epoch, "step": step, "loss": t[0] / t[1], "count": int(t[1]), "restart": restart_count()}
+                )
+                + "\n"
+            )

@@ -20,6 +20,7 @@ def require_test_images(test: Split, dataset: str) -> None:
             "a holdout > 0 with 2 or more images per class (folder:PATH?holdout=0.1)"
         )
 
+
 @torch.no_grad()
 def evaluate(classifier: Classifier, loader: BatchLoader, num_classes: int) -> torch.Tensor:
     """Confusion matrix (true x predicted, int64 on CPU) of ``classifier`` over ``loader``, all ranks."""
@@ -33,6 +34,7 @@ def evaluate(classifier: Classifier, loader: BatchLoader, num_classes: int) -> t
     confusion = dist.all_reduce_sum(confusion)
     classifier.train(was_training)
     return confusion.view(num_classes, num_classes).cpu()
+
 
 def accuracy(confusion: torch.Tensor) -> float:
     """The fraction of a confusion matrix on its diagonal."""

@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-from resnetlab.device import autocast_dtype, cpu_class, describe, environment, resolve_device, resolve_precision, warn_if_emulated
+from resnetlab.device import (
+    autocast_dtype,
+    cpu_class,
+    describe,
+    environment,
+    resolve_device,
+    resolve_precision,
+    warn_if_emulated,
+)
 from resnetlab.fileio import CHECKPOINT_NAME
 from resnetlab.train import dist, elastic
 from resnetlab.train.evaluate import accuracy, evaluate
@@ -78,28 +86,51 @@ def train(
         progress: show a progress bar (default: when stdout is a terminal).
         **overrides: recipe fields to change, e.g. ``epochs=2, batch_size=128``.
     """
-    request = resolve_request(recipe, out=out, resume=resume, force=force, checkpoint_every=checkpoint_every,
-                              data_root=data_root, init_from=init_from, overrides=overrides)  # fmt: skip
+    request = resolve_request(
+        recipe,
+        out=out,
+        resume=resume,
+        force=force,
+        checkpoint_every=checkpoint_every,
+        data_root=data_root,
+        init_from=init_from,
+        overrides=overrides,
+    )
     ctx = dist.setup(resolve_device(request.recipe.device))
-    if ctx.device.type == "cuda":  # fixed shapes: cuDNN times its kernels once and keeps the fastest (as timm's train.py)
+    if (
+        ctx.device.type == "cuda"
+    ):  # fixed shapes: cuDNN times its kernels once and keeps the fastest (as timm's train.py)
         torch.backends.cudnn.benchmark = True
     if request.resumed:
         elastic.check_world_size(request.resumed[1].get("world_size"), ctx.world_size, request.run_dir)
     run_dir = request.run_dir
     if run_dir is None:  # only rank 0 touches the file system
-        run_dir = prepare_run_dir(request.out, request.recipe.name, request.force) if ctx.is_main else Path(request.out or ".")
+        run_dir = (
+            prepare_run_dir(request.out, request.recipe.name, request.force)
+            if ctx.is_main
+            else Path(request.out or ".")
+        )
         run_dir = Path(dist.broadcast_object(str(run_dir)))
     run = build_run(request, ctx, resolve_precision(request.recipe.precision, ctx.device), init_from)
     state = run.state
-    dist.check_agree((state.epoch, state.step, len(state.history)), "where the run stands (epoch, step, finished epochs)")
-    files = RunFiles(run_dir, new=request.resumed is None, unique=not request.out and request.resumed is None,
-                     force=request.force, resumed_stamp=request.stamp)  # rank 0 creates (and locks) the directory  # fmt: skip
+    dist.check_agree(
+        (state.epoch, state.step, len(state.history)), "where the run stands (epoch, step, finished epochs)"
+    )
+    files = RunFiles(
+        run_dir,
+        new=request.resumed is None,
+        unique=not request.out and request.resumed is None,
+        force=request.force,
+        resumed_stamp=request.stamp,
+    )  # rank 0 creates (and locks) the directory
     show_bar = ctx.is_main and (progress if progress is not None else sys.stdout.isatty())
     confusion = None
     # A failure before the first checkpoint removes what this run wrote (and puts back a run --force set aside).
     with stop_flag(sigterm=ctx.world_size == 1 and elastic.job_id() is None) as stop, files:
         saver = Checkpointer(files, state, run.checkpoint_meta(request.data_root), ctx, stop)
-        if ctx.is_main:  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
+        if (
+            ctx.is_main
+        ):  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
             files.create()
             saver.run_dir = files.run_dir
             announce(run, request, saver)
@@ -119,21 +150,40 @@ def announce(run: Run, request: Request, saver: Checkpointer) -> None:
     recipe, ctx, precision, state = run.recipe, run.ctx, run.precision, run.state
     procs = f" x {ctx.world_size} processes" if ctx.world_size > 1 else ""
     layout = ", channels_last" if recipe.channels_last else ""
-    print(f"training on {describe(ctx.device)}{procs}: {precision}{' autocast' if autocast_dtype(precision) else ''}{layout}",
-          flush=True)  # fmt: skip
+    print(
+        f"training on {describe(ctx.device)}{procs}: {precision}{' autocast' if autocast_dtype(precision) else ''}{layout}",
+        flush=True,
+    )
     warn_if_emulated(precision, ctx.device)
     run_dir = saver.run_dir
     if request.resumed:
         finished = state.epoch >= recipe.epochs
-        print(f"{run_dir} finished its {recipe.epochs} epochs; evaluating it again" if finished
-              else f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}", flush=True)  # fmt: skip
-        saver.write_history(run.title)  # a kill between a checkpoint and the metrics written after it left them one epoch behind
-    if not request.resumed or not (run_dir / "config.json").exists():  # a resume keeps the command and commit that started it
-        write_json(run_dir / "config.json", {"recipe": dataclasses.asdict(recipe), "precision": precision,
-                                             "cpu_class": cpu_class() if ctx.device.type == "cpu" else None,
-                                             "world_size": ctx.world_size, "global_batch_size": recipe.batch_size * ctx.world_size,
-                                             "lr_applied": run.lr, "seed": recipe.seed, "torchelastic_run_id": elastic.job_id(),
-                                             **environment(ctx.device)})  # fmt: skip
+        print(
+            f"{run_dir} finished its {recipe.epochs} epochs; evaluating it again"
+            if finished
+            else f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}",
+            flush=True,
+        )
+        saver.write_history(
+            run.title
+        )  # a kill between a checkpoint and the metrics written after it left them one epoch behind
+    if (
+        not request.resumed or not (run_dir / "config.json").exists()
+    ):  # a resume keeps the command and commit that started it
+        write_json(
+            run_dir / "config.json",
+            {
+                "recipe": dataclasses.asdict(recipe),
+                "precision": precision,
+                "cpu_class": cpu_class() if ctx.device.type == "cpu" else None,
+                "world_size": ctx.world_size,
+                "global_batch_size": recipe.batch_size * ctx.world_size,
+                "lr_applied": run.lr,
+                "seed": recipe.seed,
+                "torchelastic_run_id": elastic.job_id(),
+                **environment(ctx.device),
+            },
+        )
 
 
 def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_every: int, show_bar: bool) -> None:
@@ -156,15 +206,31 @@ def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_ev
         global_step = state.epoch * run.steps_per_epoch + step
         for group in state.optimizer.param_groups:
             group["lr"] = run.lr * lr_factor(recipe, global_step, run.total_steps)
-        x = train_inputs(images, recipe, state.preprocess, augment_generator(recipe.seed, state.epoch, step, ctx.rank), size)
+        x = train_inputs(
+            images, recipe, state.preprocess, augment_generator(recipe.seed, state.epoch, step, ctx.rank), size
+        )
         meter.clock.start()
         try:  # the finiteness check is a host sync: every step on the CPU, where it is free
-            loss, logits = train_step(run.model, x, labels, state.optimizer, state.scaler, run.loss_fn, amp_dtype,
-                                      check_finite=ctx.device.type == "cpu" or step % 20 == 0)  # fmt: skip
+            loss, logits = train_step(
+                run.model,
+                x,
+                labels,
+                state.optimizer,
+                state.scaler,
+                run.loss_fn,
+                amp_dtype,
+                check_finite=ctx.device.type == "cpu" or step % 20 == 0,
+            )
         except NonFiniteLoss as err:
-            kept = f"the last good checkpoint in {saver.run_dir} is kept" if saver.files.checkpointed else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"{err} at epoch {state.epoch + 1}, step {step} (lr {state.optimizer.param_groups[0]['lr']:.4g}); "
-                                f"{kept}. Lower --lr" + (" or use --precision fp32" if amp_dtype else "")) from None  # fmt: skip
+            kept = (
+                f"the last good checkpoint in {saver.run_dir} is kept"
+                if saver.files.checkpointed
+                else "no checkpoint was written yet"
+            )
+            raise NonFiniteLoss(
+                f"{err} at epoch {state.epoch + 1}, step {step} (lr {state.optimizer.param_groups[0]['lr']:.4g}); "
+                f"{kept}. Lower --lr" + (" or use --precision fp32" if amp_dtype else "")
+            ) from None
         meter.clock.stop()
         meter.add(loss, logits, labels)
         elastic.record_step_loss(state.epoch, step, loss, len(labels))
@@ -178,8 +244,11 @@ def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_ev
             saver.save()
             if stop["interrupted"]:
                 nproc = f" --nproc {ctx.world_size}" if ctx.world_size > 1 else ""
-                raise TrainingInterrupted(f"{stopped(stop)} at epoch {state.epoch + 1}, step {state.step}; checkpoint saved, "
-                                          f"continue with: resnetlab train --resume {saver.run_dir}{nproc}", stop["signal"])  # fmt: skip
+                raise TrainingInterrupted(
+                    f"{stopped(stop)} at epoch {state.epoch + 1}, step {state.step}; checkpoint saved, "
+                    f"continue with: resnetlab train --resume {saver.run_dir}{nproc}",
+                    stop["signal"],
+                )
     if bar is not None:
         bar.close()
     meter.fold(state.sums)
@@ -193,8 +262,9 @@ def end_epoch(run: Run, saver: Checkpointer, show_bar: bool) -> torch.Tensor | N
     """
     recipe, state, ctx = run.recipe, run.state, run.ctx
     sums = state.sums
-    totals = dist.all_reduce_sum(torch.tensor([sums["loss"], sums["correct"], sums["count"]], dtype=torch.float64,
-                                              device=ctx.device)).tolist()  # fmt: skip
+    totals = dist.all_reduce_sum(
+        torch.tensor([sums["loss"], sums["correct"], sums["count"]], dtype=torch.float64, device=ctx.device)
+    ).tolist()
     dist.broadcast_buffers(state.net)  # every rank evaluates rank 0's BatchNorm statistics, as checkpointed
     confusion, test_acc = None, None
     final = state.epoch + 1 == recipe.epochs
@@ -218,8 +288,11 @@ def end_epoch(run: Run, saver: Checkpointer, show_bar: bool) -> torch.Tensor | N
         saver.write_history(run.title)
         if not show_bar:
             tested = f"test acc {test_acc:.3f}" if test_acc is not None else "test acc not measured (--eval-every)"
-            print(f"epoch {row['epoch']}/{recipe.epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
-                  f"{tested}, {row['images_per_s']:.1f} examples/sec, {row['seconds']:.1f} s", flush=True)  # fmt: skip
+            print(
+                f"epoch {row['epoch']}/{recipe.epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
+                f"{tested}, {row['images_per_s']:.1f} examples/sec, {row['seconds']:.1f} s",
+                flush=True,
+            )
     return confusion
 
 
@@ -244,18 +317,24 @@ def finish(run: Run, run_dir: Path, confusion: torch.Tensor | None) -> RunResult
         train_acc=last["train_acc"],
         test_acc=accuracy(confusion),  # measured now (a finished run resumed: again)
         examples_per_sec=seen / sum(r["seconds"] for r in history),
-        compute_examples_per_sec=seen / sum(r["images_per_s"] * r["seconds"] / r["compute_images_per_s"] for r in history),
+        compute_examples_per_sec=seen
+        / sum(r["images_per_s"] * r["seconds"] / r["compute_images_per_s"] for r in history),
         device=str(run.ctx.device),
         history=history,
         confusion=confusion,
     )
     if run.ctx.is_main:
-        plot_confusion(run_dir / "confusion.png", confusion, run.classes, f"{run.recipe.model}: test acc {result.test_acc:.3f}")
+        plot_confusion(
+            run_dir / "confusion.png", confusion, run.classes, f"{run.recipe.model}: test acc {result.test_acc:.3f}"
+        )
         # The chapter's two closing lines, then its compute-only measure for comparison.
         print(f"loss {result.train_loss:.3f}, train acc {result.train_acc:.3f}, test acc {result.test_acc:.3f}")
         print(f"{result.examples_per_sec:.1f} examples/sec on {run.ctx.device}")
-        print(f"({result.compute_examples_per_sec:.1f} examples/sec in training steps only, the chapter's measure; "
-              f"run directory {run_dir})", flush=True)  # fmt: skip
+        print(
+            f"({result.compute_examples_per_sec:.1f} examples/sec in training steps only, the chapter's measure; "
+            f"run directory {run_dir})",
+            flush=True,
+        )
     return result
 
 
@@ -273,6 +352,9 @@ def _show_progress(bar: Any, meter: EpochMeter, sums: dict[str, Any], step: int,
     if step % 10 == 0 or step == steps - 1:  # the running figures need a host sync: not every step
         done = sums["count"] + meter.count
         elapsed = sums["seconds"] + time.perf_counter() - meter.started
-        bar.set_postfix(loss=f"{(sums['loss'] + meter.loss.item()) / done:.3f}", acc=f"{(sums['correct'] + meter.correct.item()) / done:.3f}",
-                        img_s=f"{done * world_size / max(elapsed, 1e-9):.0f}")  # fmt: skip
+        bar.set_postfix(
+            loss=f"{(sums['loss'] + meter.loss.item()) / done:.3f}",
+            acc=f"{(sums['correct'] + meter.correct.item()) / done:.3f}",
+            img_s=f"{done * world_size / max(elapsed, 1e-9):.0f}",
+        )
     bar.update(1)

@@ -25,8 +25,12 @@ MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 MAX_SIZE = 2**31 - 1
 MAX_FLOAT32 = 3.4028234663852886e38
 # A field's annotation -> the values it takes and their name. bool is an int to Python: refused where it is not named.
-_FIELD_TYPES: dict[str, tuple[type, str]] = {"str": (str, "a string"), "int": (numbers.Integral, "an integer"),
-                                             "float": (numbers.Real, "a number"), "bool": (bool, "true or false")}  # fmt: skip
+_FIELD_TYPES: dict[str, tuple[type, str]] = {
+    "str": (str, "a string"),
+    "int": (numbers.Integral, "an integer"),
+    "float": (numbers.Real, "a number"),
+    "bool": (bool, "true or false"),
+}
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,9 @@ class Recipe:
     stem: str | None = None
     zero_init_residual: bool = False
     tta: bool = False
-    eval_batch_size: int = 256  # not 1000: x1.6 faster test passes at 28 px on a 2-core CPU (`resnetlab bench eval-batch`)
+    eval_batch_size: int = (
+        256  # not 1000: x1.6 faster test passes at 28 px on a 2-core CPU (`resnetlab bench eval-batch`)
+    )
     eval_every: int = 1
     sync_bn: bool = False
     scale_lr: bool = False
@@ -119,8 +125,10 @@ class Recipe:
         except ValueError:
             sizes = ()
         if not sizes or min(sizes) < 1 or max(sizes) > MAX_SIZE:
-            raise UsageError(f"progressive sizes must be none or a comma list of sizes in [1, 2**31 - 1] pixels, e.g. 16 "
-                             f"or 16,20; not {self.progressive_sizes!r}")  # fmt: skip
+            raise UsageError(
+                f"progressive sizes must be none or a comma list of sizes in [1, 2**31 - 1] pixels, e.g. 16 "
+                f"or 16,20; not {self.progressive_sizes!r}"
+            )
         return sizes
 
     def early_sizes(self) -> tuple[int, ...]:
@@ -158,11 +166,15 @@ class Recipe:
     def validate(self) -> "Recipe":
         """Raise UsageError for values that cannot mean anything; return self."""
         self.check_types()
-        for f in dataclasses.fields(self):  # first: inf passes range checks such as lr > 0, and nan fails them obscurely
+        for f in dataclasses.fields(
+            self
+        ):  # first: inf passes range checks such as lr > 0, and nan fails them obscurely
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, not {value}")
-            if f.type == "float" and abs(value) > MAX_FLOAT32:  # torch stores lr and decay as float32 scalars (an int too)
+            if (
+                f.type == "float" and abs(value) > MAX_FLOAT32
+            ):  # torch stores lr and decay as float32 scalars (an int too)
                 raise UsageError(f"{f.name.replace('_', ' ')} must be at most {MAX_FLOAT32:.3g} (float32), not {value}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
@@ -170,7 +182,10 @@ class Recipe:
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, not {self.eval_batch_size}"),
             (self.eval_every >= 0, f"eval every must be >= 0 epochs (0: after the last only), not {self.eval_every}"),
             (self.lr > 0, f"lr must be > 0, not {self.lr}"),
-            (0 <= self.resize <= MAX_SIZE, f"resize must be in [0, 2**31 - 1] (0 keeps the native size), not {self.resize}"),
+            (
+                0 <= self.resize <= MAX_SIZE,
+                f"resize must be in [0, 2**31 - 1] (0 keeps the native size), not {self.resize}",
+            ),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, not {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), not {self.label_smoothing}"),
@@ -182,25 +197,35 @@ class Recipe:
             (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}; use sgd or adamw"),
             # measured with torch 2.13.0 on the AVX2 CPU: fewer than 8 channels in channels_last corrupt memory in a
             # CPU training step (double free, segfault with 1 thread; a hang in backward with 2), e.g. --width 4
-            (not (self.channels_last and self.width is not None and self.width < 8),
-             f"width {self.width} with channels_last crashes PyTorch's CPU kernels (fewer than 8 channels); "
-             "use --width 8 or more, or add --no-channels-last"),
-            (not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
-             "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),
-            (self.schedule in ("constant", "onecycle", "cosine"),
-             f"unknown schedule {self.schedule!r}; use constant, onecycle or cosine"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"),
-             f"unknown precision {self.precision!r}; use auto, fp32, bf16 or fp16"),
+            (
+                not (self.channels_last and self.width is not None and self.width < 8),
+                f"width {self.width} with channels_last crashes PyTorch's CPU kernels (fewer than 8 channels); "
+                "use --width 8 or more, or add --no-channels-last",
+            ),
+            (
+                not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
+                "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov",
+            ),
+            (
+                self.schedule in ("constant", "onecycle", "cosine"),
+                f"unknown schedule {self.schedule!r}; use constant, onecycle or cosine",
+            ),
+            (
+                self.precision in ("auto", "fp32", "bf16", "fp16"),
+                f"unknown precision {self.precision!r}; use auto, fp32, bf16 or fp16",
+            ),
             (self.init in ("xavier", "default"), f"unknown init {self.init!r}; use xavier or default"),
-        ]  # fmt: skip
+        ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
         sizes = self.progressive()
         if len(sizes) >= self.epochs:  # the extra sizes were dropped silently
-            raise UsageError(f"progressive sizes {self.progressive_sizes} name {len(sizes)} early epoch(s), but with {self.epochs} "
-                             f"epoch(s) only {self.epochs - 1} train before the last (which trains at --resize); "
-                             "give fewer sizes or more --epochs")  # fmt: skip
+            raise UsageError(
+                f"progressive sizes {self.progressive_sizes} name {len(sizes)} early epoch(s), but with {self.epochs} "
+                f"epoch(s) only {self.epochs - 1} train before the last (which trains at --resize); "
+                "give fewer sizes or more --epochs"
+            )
         for aug in self.augmentations():
             if aug not in AUGMENTS:
                 raise UsageError(f"unknown augmentation {aug!r}; use none or a comma list of {', '.join(AUGMENTS)}")
@@ -210,9 +235,22 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # The chapter, field by field: d2l.load_data_fashion_mnist(256, resize=96) + d2l.train_ch6(net, ..., 10, 0.05).
     "d2l": Recipe(
-        name="d2l", model="d2l_resnet18", dataset="fashion-mnist", epochs=10, batch_size=256, lr=0.05,
-        resize=96, optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant",
-        label_smoothing=0.0, augment="none", normalize=False, init="xavier", precision="fp32",
+        name="d2l",
+        model="d2l_resnet18",
+        dataset="fashion-mnist",
+        epochs=10,
+        batch_size=256,
+        lr=0.05,
+        resize=96,
+        optimizer="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        label_smoothing=0.0,
+        augment="none",
+        normalize=False,
+        init="xavier",
+        precision="fp32",
         eval_batch_size=256,
     ),
     # The chapter's 92.4% soonest on a small CPU: a small stem, images downscaled to 24 px, one-cycle
@@ -224,20 +262,55 @@ RECIPES: dict[str, Recipe] = {
     # nothing in training; --eval-every 1 draws the per-epoch test curve. The measurements behind
     # each choice, with commands and machine: docs/performance.md.
     "fast": Recipe(
-        name="fast", model="resnet10", dataset="fashion-mnist", epochs=3, batch_size=128, lr=0.4,
-        resize=24, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
-        warmup=0.2, label_smoothing=0.1, augment="flip", normalize=True, stem="small", width=16,
-        precision="auto", channels_last=True, tta=True, eval_every=0,
+        name="fast",
+        model="resnet10",
+        dataset="fashion-mnist",
+        epochs=3,
+        batch_size=128,
+        lr=0.4,
+        resize=24,
+        optimizer="sgd",
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        schedule="onecycle",
+        warmup=0.2,
+        label_smoothing=0.1,
+        augment="flip",
+        normalize=True,
+        stem="small",
+        width=16,
+        precision="auto",
+        channels_last=True,
+        tta=True,
+        eval_every=0,
     ),
     # Highest accuracy within a few GPU-hours: a full ResNet-18 at 32 px (native 28 padded by a crop),
     # long cosine schedule, flips, crops and random erasing.
     "best": Recipe(
-        name="best", model="preact_resnet18", dataset="fashion-mnist", epochs=60, batch_size=256, lr=0.1,
-        resize=32, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
-        warmup=0.03, label_smoothing=0.1, augment="flip,crop,erase", crop_padding=4, normalize=True,
-        stem="small", precision="auto", channels_last=True, tta=True,
+        name="best",
+        model="preact_resnet18",
+        dataset="fashion-mnist",
+        epochs=60,
+        batch_size=256,
+        lr=0.1,
+        resize=32,
+        optimizer="sgd",
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        schedule="cosine",
+        warmup=0.03,
+        label_smoothing=0.1,
+        augment="flip,crop,erase",
+        crop_padding=4,
+        normalize=True,
+        stem="small",
+        precision="auto",
+        channels_last=True,
+        tta=True,
     ),
-}  # fmt: skip
+}
 
 
 # Set in the checkpoints of runs in which every schedule warms up; before 2026-12-01 the constant

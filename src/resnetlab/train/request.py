@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 
-from resnetlab.checkpoint import (CUDA_RNG_BYTES, model_skeleton, optimizer_state_spec, read_checkpoint, resolve_checkpoint_path,
-                                  tensor_mismatch, wrong_optimizer_groups)  # fmt: skip
+from resnetlab.checkpoint import (
+    CUDA_RNG_BYTES,
+    model_skeleton,
+    optimizer_state_spec,
+    read_checkpoint,
+    resolve_checkpoint_path,
+    tensor_mismatch,
+    wrong_optimizer_groups,
+)
 from resnetlab.device import resolve_device, resolve_precision
 from resnetlab.errors import CheckpointError, UsageError
 from resnetlab.fileio import CHECKPOINT_NAME, PREVIOUS_RUN
@@ -38,52 +45,92 @@ _POSITION_RANGES = {"epoch": (0, math.inf, True), "step": (0, math.inf, True)}
 
 _SUMS_RANGES = {k: (0.0, math.inf, isinstance(v, int)) for k, v in EMPTY_SUMS.items()}
 
-_HISTORY_RANGES = {"epoch": (1, math.inf, True), "train_loss": (0.0, math.inf, False), "train_acc": (0.0, 1.0, False),
-                   "test_acc": (0.0, 1.0, False), "images_per_s": (_POSITIVE, math.inf, False),
-                   "compute_images_per_s": (_POSITIVE, math.inf, False), "seconds": (_POSITIVE, math.inf, False),
-                   "lr": (0.0, math.inf, False)}  # rundir.METRIC_FIELDS, each  # fmt: skip
+_HISTORY_RANGES = {
+    "epoch": (1, math.inf, True),
+    "train_loss": (0.0, math.inf, False),
+    "train_acc": (0.0, 1.0, False),
+    "test_acc": (0.0, 1.0, False),
+    "images_per_s": (_POSITIVE, math.inf, False),
+    "compute_images_per_s": (_POSITIVE, math.inf, False),
+    "seconds": (_POSITIVE, math.inf, False),
+    "lr": (0.0, math.inf, False),
+}  # rundir.METRIC_FIELDS, each
 
-_SCALER_RANGES = {"scale": (_POSITIVE, math.inf, False), "growth_factor": (_POSITIVE, math.inf, False),
-                  "backoff_factor": (_POSITIVE, math.inf, False), "growth_interval": (1, math.inf, True),
-                  "_growth_tracker": (0, math.inf, True)}  # GradScaler.state_dict() (fp16 runs)  # fmt: skip
+_SCALER_RANGES = {
+    "scale": (_POSITIVE, math.inf, False),
+    "growth_factor": (_POSITIVE, math.inf, False),
+    "backoff_factor": (_POSITIVE, math.inf, False),
+    "growth_interval": (1, math.inf, True),
+    "_growth_tracker": (0, math.inf, True),
+}  # GradScaler.state_dict() (fp16 runs)
 
 
-def _check_flags(recipe: str | Recipe | None, out: str | Path | None, resume: str | Path | None, force: bool,
-                 checkpoint_every: int, init_from: str | None) -> None:  # fmt: skip
+def _check_flags(
+    recipe: str | Recipe | None,
+    out: str | Path | None,
+    resume: str | Path | None,
+    force: bool,
+    checkpoint_every: int,
+    init_from: str | None,
+) -> None:
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, not {checkpoint_every}")
     for flag, value in (("--out", out), ("--resume", resume), ("--init-from", init_from)):
         if value is not None and not str(value).strip():  # '' was taken as "not given": --out '' wrote to runs/
             raise UsageError(f"{flag} is empty; give a path, or leave {flag} out")
-    given = [flag for flag, on in (("--recipe", recipe is not None), ("--out", out is not None), ("--force", force),
-                                   ("--init-from", init_from is not None)) if on]  # fmt: skip
+    given = [
+        flag
+        for flag, on in (
+            ("--recipe", recipe is not None),
+            ("--out", out is not None),
+            ("--force", force),
+            ("--init-from", init_from is not None),
+        )
+        if on
+    ]
     if resume is not None and given:
         raise UsageError(f"--resume continues the run in {resume}; drop {' and '.join(given)}")
+
 
 def _run_dir_of(resume: str | Path) -> Path:
     """The run directory of ``--resume`` (a run directory or its checkpoint file)."""
     return Path(resume) if Path(resume).is_dir() else Path(resume).parent
 
-def _resumed_run(resume: str | Path, overrides: dict[str, Any]) -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]], Recipe]:
+
+def _resumed_run(
+    resume: str | Path, overrides: dict[str, Any]
+) -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]], Recipe]:
     """The checkpoint of the run to resume, and its recipe as trained (only ``device`` may change)."""
     aside = Path(resume) / PREVIOUS_RUN
     if aside.is_dir() and not (Path(resume) / CHECKPOINT_NAME).exists():
-        raise UsageError(f"{resume} holds no checkpoint: a --force run was stopped before its first one; the run it was "
-                         f"replacing is in {aside} (move its files back to resume it)")  # fmt: skip
+        raise UsageError(
+            f"{resume} holds no checkpoint: a --force run was stopped before its first one; the run it was "
+            f"replacing is in {aside} (move its files back to resume it)"
+        )
     tensors, meta = read_checkpoint(resume)
     recipe = _resume_state(tensors, meta, resume)
     # a flag given with the value the run has is no change (as every other value is)
-    changed = {k: v for k, v in overrides.items() if v is not None and k != "device" and v != getattr(recipe, k, _UNSET)}
+    changed = {
+        k: v for k, v in overrides.items() if v is not None and k != "device" and v != getattr(recipe, k, _UNSET)
+    }
     if changed:
-        raise UsageError(f"--resume continues the run as it was; drop {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        raise UsageError(
+            f"--resume continues the run as it was; drop {', '.join('--' + k.replace('_', '-') for k in changed)}"
+        )
     return (tensors, meta), dataclasses.replace(recipe, device=overrides.get("device") or recipe.device)
+
 
 def corrupt_resume(path: str | Path, what: str) -> CheckpointError:
     """The one-line error for a checkpoint whose resume state (``what`` names the field) is damaged."""
-    return CheckpointError(f"{resolve_checkpoint_path(path)} has corrupt resume metadata ({what}); it cannot be resumed, "
-                           "though eval, predict and export may still use it")  # fmt: skip
+    return CheckpointError(
+        f"{resolve_checkpoint_path(path)} has corrupt resume metadata ({what}); it cannot be resumed, "
+        "though eval, predict and export may still use it"
+    )
 
-def _wrong_numbers(values: Any, ranges: dict[str, tuple[float, float, bool]], name: str, may_be_none: tuple[str, ...] = ()) -> str | None:
+
+def _wrong_numbers(
+    values: Any, ranges: dict[str, tuple[float, float, bool]], name: str, may_be_none: tuple[str, ...] = ()
+) -> str | None:
     """The first value of the dict ``values`` that is not as ``ranges`` requires, or None.
 
     Args:
@@ -107,6 +154,7 @@ def _wrong_numbers(values: Any, ranges: dict[str, tuple[float, float, bool]], na
             return f"{name}.{key} is {shown}, not {'an integer' if integer else 'a number'} {bounds}"
     return None
 
+
 def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> Recipe:
     """The run's recipe as trained, once the state a resume reads (eval, predict and export read less) is whole:
     every metadata value of its type and range, every tensor of the dtype and shape the run restores it into.
@@ -121,7 +169,16 @@ def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: 
         return corrupt_resume(path, what)
 
     fields = meta.get("recipe")
-    core = {"name", "model", "dataset", "epochs", "batch_size", "lr", "seed", "device"}  # in every version's checkpoints
+    core = {
+        "name",
+        "model",
+        "dataset",
+        "epochs",
+        "batch_size",
+        "lr",
+        "seed",
+        "device",
+    }  # in every version's checkpoints
     if not isinstance(fields, dict) or not core <= set(fields) <= {f.name for f in dataclasses.fields(Recipe)}:
         raise corrupt("recipe")
     try:  # the recipe's own checks, as a new run's flags get: types, then ranges
@@ -129,13 +186,18 @@ def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: 
     except UsageError as err:
         raise corrupt(f"recipe: {err}") from None
     position, history, sums, scaler = meta["position"], meta["history"], meta["sums"], meta.get("scaler")
-    wrong = (_wrong_numbers(position, _POSITION_RANGES, "position") or _wrong_numbers(sums, _SUMS_RANGES, "sums")
-             or (_wrong_numbers(scaler, _SCALER_RANGES, "scaler") if scaler is not None else None))  # fmt: skip
+    wrong = (
+        _wrong_numbers(position, _POSITION_RANGES, "position")
+        or _wrong_numbers(sums, _SUMS_RANGES, "sums")
+        or (_wrong_numbers(scaler, _SCALER_RANGES, "scaler") if scaler is not None else None)
+    )
     if wrong:
         raise corrupt(wrong)
     if position["epoch"] > recipe.epochs:
         raise corrupt(f"position.epoch is {position['epoch']}, past the recipe's {recipe.epochs} epochs")
-    if sums["correct"] > sums["count"] or (position["step"] > 0) != (sums["count"] > 0):  # mid-epoch, and only then, images were counted
+    if sums["correct"] > sums["count"] or (position["step"] > 0) != (
+        sums["count"] > 0
+    ):  # mid-epoch, and only then, images were counted
         raise corrupt(f"sums {sums} do not fit position {position}")
     if not (isinstance(history, list) and len(history) == position["epoch"]):
         raise corrupt(f"history is not a list of the {position['epoch']} finished epochs")
@@ -158,8 +220,18 @@ def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: 
         raise corrupt(wrong)
     return recipe
 
-def check_train_request(recipe: str | None, *, world_size: int, out: str | None, resume: str | None, force: bool,
-                        checkpoint_every: int, init_from: str | None, **overrides: Any) -> None:  # fmt: skip
+
+def check_train_request(
+    recipe: str | None,
+    *,
+    world_size: int,
+    out: str | None,
+    resume: str | None,
+    force: bool,
+    checkpoint_every: int,
+    init_from: str | None,
+    **overrides: Any,
+) -> None:
     """The checks :func:`train` makes of its arguments before it loads data, without its side effects.
 
     ``--nproc`` runs them once, in the launcher, so that a bad flag is one line before any worker
@@ -204,9 +276,17 @@ class Request:
     data_root: str | None
 
 
-def resolve_request(recipe: str | Recipe | None, *, out: str | Path | None, resume: str | Path | None, force: bool,
-                    checkpoint_every: int, data_root: str | None, init_from: str | None,
-                    overrides: dict[str, Any]) -> Request:  # fmt: skip
+def resolve_request(
+    recipe: str | Recipe | None,
+    *,
+    out: str | Path | None,
+    resume: str | Path | None,
+    force: bool,
+    checkpoint_every: int,
+    data_root: str | None,
+    init_from: str | None,
+    overrides: dict[str, Any],
+) -> Request:
     """The flags checked, a torchelastic restart turned into a resume (or a fresh start), a resume read and validated.
 
     Args: as :func:`resnetlab.train.train`'s.
@@ -220,6 +300,8 @@ def resolve_request(recipe: str | Recipe | None, *, out: str | Path | None, resu
     if resume is None:
         recipe = recipe.validate() if isinstance(recipe, Recipe) else get_recipe(recipe or "fast", **overrides)
         return Request(recipe, out, force, None, None, None, data_root)  # rank 0 chooses the directory
-    stamp = checkpoint_stamp(_run_dir_of(resume))  # before reading it: under the lock, create() checks no run rewrote it since
+    stamp = checkpoint_stamp(
+        _run_dir_of(resume)
+    )  # before reading it: under the lock, create() checks no run rewrote it since
     resumed, recipe = _resumed_run(resume, overrides)
     return Request(recipe, out, force, resumed, _run_dir_of(resume), stamp, data_root or resumed[1].get("data_root"))

@@ -21,14 +21,25 @@ from typing import Any, Iterator
 
 import torch
 
-from resnetlab.errors import UsageError
 from resnetlab.checkpoint import atomic_write_bytes
+from resnetlab.errors import UsageError
 from resnetlab.fileio import CHECKPOINT_NAME, EXPORT_NAME, PREVIOUS_RUN
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "images_per_s", "compute_images_per_s", "seconds", "lr"]
+METRIC_FIELDS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_acc",
+    "images_per_s",
+    "compute_images_per_s",
+    "seconds",
+    "lr",
+]
 RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "config.json")
 REPLACED_FILES = (*RUN_FILES, EXPORT_NAME)  # what --force replaces: the run's files and its exported model
-LOCK_NAME = ".lock"  # held by the live run (see RunLock); not a file of the run: checks, --force and cleanup pass over it
+LOCK_NAME = (
+    ".lock"  # held by the live run (see RunLock); not a file of the run: checks, --force and cleanup pass over it
+)
 
 try:
     import fcntl
@@ -73,14 +84,23 @@ def check_run_dir(run_dir: Path, force: bool) -> None:
     if exists and not is_dir:
         raise UsageError(f"--out {run_dir} exists and is not a directory; choose another --out")
     if has_files and not is_run:  # a user's folder (as root, even /): --force replaces a run, never a user's files
-        why = (f"{', '.join(ours)} but no resnetlab run, and resnetlab does not overwrite files it did not write;" if ours
-               else "files but no resnetlab run; a run needs a new or empty folder:")  # fmt: skip
+        why = (
+            f"{', '.join(ours)} but no resnetlab run, and resnetlab does not overwrite files it did not write;"
+            if ours
+            else "files but no resnetlab run; a run needs a new or empty folder:"
+        )
         raise UsageError(f"--out {run_dir} holds {why} choose another --out")
     if has_files and not force:
         if not (run_dir / CHECKPOINT_NAME).is_file():  # e.g. a run killed (SIGKILL, power) before its first checkpoint
-            aside = f" (the run it was replacing is in {run_dir / PREVIOUS_RUN})" if (run_dir / PREVIOUS_RUN).is_dir() else ""
-            raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint to resume{aside}; "
-                             "use --force to overwrite it, or another --out")  # fmt: skip
+            aside = (
+                f" (the run it was replacing is in {run_dir / PREVIOUS_RUN})"
+                if (run_dir / PREVIOUS_RUN).is_dir()
+                else ""
+            )
+            raise UsageError(
+                f"run directory {run_dir} already exists and holds no checkpoint to resume{aside}; "
+                "use --force to overwrite it, or another --out"
+            )
         raise UsageError(
             f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, "
             "--force to overwrite it, or another --out"
@@ -147,7 +167,9 @@ class RunLock:
                 self._file = f
                 return
             f.close()
-        raise UsageError(f"cannot lock run directory {self.path.parent}: its lock file keeps being replaced; choose another --out")
+        raise UsageError(
+            f"cannot lock run directory {self.path.parent}: its lock file keeps being replaced; choose another --out"
+        )
 
     def remove_file(self) -> None:
         """Remove the lock file (once, and only while holding it: a file created later is another run's)."""
@@ -213,8 +235,10 @@ def _in_use(run_dir: Path, lock_file: Any) -> UsageError:
                 break
             time.sleep(0.05)
     who = f"PID {pid}" if pid else "its PID is not written yet"
-    return UsageError(f"run directory {run_dir} is in use by a live run ({who}); wait for it to finish or stop it, "
-                      "or choose another --out")  # fmt: skip
+    return UsageError(
+        f"run directory {run_dir} is in use by a live run ({who}); wait for it to finish or stop it, "
+        "or choose another --out"
+    )
 
 
 def _holds_a_run(run_dir: Path) -> bool:
@@ -258,8 +282,14 @@ class RunFiles:
         resumed_stamp: a resumed run: :func:`checkpoint_stamp` of the checkpoint before it was read.
     """
 
-    def __init__(self, run_dir: Path, new: bool, unique: bool = False, force: bool = False,
-                 resumed_stamp: tuple[int, int, int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        new: bool,
+        unique: bool = False,
+        force: bool = False,
+        resumed_stamp: tuple[int, int, int] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.new = new
         self.unique = unique
@@ -292,14 +322,18 @@ class RunFiles:
             if self.new and not self.unique:
                 check_run_dir(self.run_dir, self.force)
             elif self.resumed_stamp is not None and checkpoint_stamp(self.run_dir) != self.resumed_stamp:
-                raise UsageError(f"run directory {self.run_dir} was written by another run while this one started; "
-                                 f"resume it again: resnetlab train --resume {self.run_dir}")  # fmt: skip
+                raise UsageError(
+                    f"run directory {self.run_dir} was written by another run while this one started; "
+                    f"resume it again: resnetlab train --resume {self.run_dir}"
+                )
             if self.new:
                 try:
                     self._set_aside_old_run()
                 except OSError as err:
                     raise _unusable(self.run_dir, "overwrite", err) from None
-            elif (self.run_dir / PREVIOUS_RUN).is_dir():  # stale: the resumed run checkpointed after it replaced that run
+            elif (
+                self.run_dir / PREVIOUS_RUN
+            ).is_dir():  # stale: the resumed run checkpointed after it replaced that run
                 self._aside = self.run_dir / PREVIOUS_RUN
         except BaseException:
             lock.release()
@@ -430,8 +464,13 @@ def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
     ax.plot(epochs, [r["train_loss"] for r in history], "-", label="train loss")
     ax.plot(epochs, [r["train_acc"] for r in history], "m--", label="train acc")
     tested = [r for r in history if r["test_acc"] is not None]  # --eval-every skips some epochs
-    ax.plot([r["epoch"] for r in tested], [r["test_acc"] for r in tested], "g-.", marker="o" if len(tested) < 2 else None,
-            label="test acc")  # fmt: skip
+    ax.plot(
+        [r["epoch"] for r in tested],
+        [r["test_acc"] for r in tested],
+        "g-.",
+        marker="o" if len(tested) < 2 else None,
+        label="test acc",
+    )
     ax.set_xlabel("epoch")
     ax.set_xlim(0.5 if len(epochs) < 2 else 1, max(epochs[-1], 1))
     ax.grid(True, alpha=0.3)

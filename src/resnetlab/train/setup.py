@@ -43,6 +43,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     std = (total_sq / n - mean * mean).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()
 
+
 def seeded_subset(split: Split, n: int, seed: int) -> Split:
     """``--subset N --seed S``: a random N-image subset of ``split`` (kept in the split's order)."""
     if n > len(split):
@@ -50,8 +51,11 @@ def seeded_subset(split: Split, n: int, seed: int) -> Split:
     pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
     return split.subset(pick.sort().values)
 
+
 @torch.no_grad()
-def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_size: int, fix: str = "--resize {}") -> int:
+def check_train_size(
+    net: nn.Module, size: int, in_chans: int, name: str, batch_size: int, fix: str = "--resize {}"
+) -> int:
     """Refuse sizes the model does not take, sizes at which a downsampling layer would see a 1-pixel
     map, and batches BatchNorm can't train on.
 
@@ -73,11 +77,16 @@ def check_train_size(net: nn.Module, size: int, in_chans: int, name: str, batch_
                 small_stem = create_model(name, **{**options, "stem": "small"})
             if _map_probe(small_stem, in_chans)(size)[0] >= 2:
                 fix += ", or --stem small"
-        raise UsageError(f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; {fix}")
+        raise UsageError(
+            f"input {size}x{size} is too small for {name}: a downsampling layer would see a 1x1 map; {fix}"
+        )
     if norm_area is not None and batch_size * norm_area < 2:
-        raise UsageError(f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
-                         "(a 1x1 map); use --batch-size 2 or more")
+        raise UsageError(
+            f"batch size {batch_size} gives {name}'s BatchNorm a single value per channel at {size}x{size} "
+            "(a 1x1 map); use --batch-size 2 or more"
+        )
     return norm_area or 0
+
 
 def _map_probe(net: nn.Module, in_chans: int) -> Callable[[int], tuple[int, int | None]]:
     """side -> (the smallest map a downsampling layer sees, the smallest map area a BatchNorm
@@ -173,31 +182,48 @@ def load_data(recipe: Recipe, data_root: str | None, resumed_meta: dict[str, Any
     if resumed_meta:  # an image folder may have changed since: the schedule and the classifier depend on it
         then = (resumed_meta["classes"], resumed_meta.get("train_images", len(train_split)))
         if then != (train_split.classes, len(train_split)):
-            raise UsageError(f"{recipe.dataset} changed since the checkpoint ({len(then[0])} classes and {then[1]} training images "
-                             f"then, {len(train_split.classes)} and {len(train_split)} now); resume with the same data, "
-                             "or start a new run")  # fmt: skip
+            raise UsageError(
+                f"{recipe.dataset} changed since the checkpoint ({len(then[0])} classes and {then[1]} training images "
+                f"then, {len(train_split.classes)} and {len(train_split)} now); resume with the same data, "
+                "or start a new run"
+            )
     return train_split, test_split
 
 
-def make_loaders(net: nn.Module, recipe: Recipe, train_split: Split, test_split: Split,
-                 ctx: dist.DistContext) -> tuple[BatchLoader, BatchLoader]:  # fmt: skip
+def make_loaders(
+    net: nn.Module, recipe: Recipe, train_split: Split, test_split: Split, ctx: dist.DistContext
+) -> tuple[BatchLoader, BatchLoader]:
     """This rank's training and test batches, once the sizes are checked on ``net``'s shape."""
     c, h, w = train_split.images.shape[1:]
     size, batch_size = recipe.resize or None, recipe.batch_size
     early = sorted(set(recipe.early_sizes()))  # progressive resizing
     if early and not size and h != w:
-        raise UsageError(f"progressive sizes are square and these images are {h}x{w}; set --resize too (the square side they are tested at)")
+        raise UsageError(
+            f"progressive sizes are square and these images are {h}x{w}; set --resize too (the square side they are tested at)"
+        )
     sizes = [(size or min(h, w), "--resize {}"), *((e, "--progressive-sizes sizes of {}") for e in early)]
     smallest_norm_map = min(check_train_size(net, side, c, recipe.model, batch_size, fix) for side, fix in sizes)
     # Under torchrun every rank needs the same count of full batches (DDP). In one process a final
     # batch of one image is dropped only where a BatchNorm sees a 1x1 map (it cannot normalise one
     # value per channel); every other final batch is kept: published figures depend on the batches.
     drop_last = ctx.world_size > 1 or (len(train_split) % batch_size == 1 and smallest_norm_map == 1)
-    train_loader = BatchLoader(train_split, batch_size, shuffle=True, seed=recipe.seed, drop_last=drop_last,
-                               device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
-    test_loader = BatchLoader(test_split, recipe.eval_batch_size, device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)
+    train_loader = BatchLoader(
+        train_split,
+        batch_size,
+        shuffle=True,
+        seed=recipe.seed,
+        drop_last=drop_last,
+        device=ctx.device,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    test_loader = BatchLoader(
+        test_split, recipe.eval_batch_size, device=ctx.device, rank=ctx.rank, world_size=ctx.world_size
+    )
     if len(train_loader) == 0:
-        raise UsageError(f"batch size {batch_size} x {ctx.world_size} processes is larger than the {len(train_split)} training images")
+        raise UsageError(
+            f"batch size {batch_size} x {ctx.world_size} processes is larger than the {len(train_split)} training images"
+        )
     return train_loader, test_loader
 
 
@@ -214,7 +240,9 @@ def build_run(request: Request, ctx: dist.DistContext, precision: str, init_from
     recipe, resumed = request.recipe, request.resumed
     train_split, test_split = load_data(recipe, request.data_root, resumed[1] if resumed else None)
     c, h, w = train_split.images.shape[1:]
-    mean, std = channel_stats(train_split.images) if recipe.normalize else ([0.0] * c, [1.0] * c)  # a resume restores its own
+    mean, std = (
+        channel_stats(train_split.images) if recipe.normalize else ([0.0] * c, [1.0] * c)
+    )  # a resume restores its own
     preprocess = Preprocess(recipe.resize or None, mean, std).to(ctx.device)
     torch.manual_seed(recipe.seed)
     net = create_model(recipe.model, num_classes=len(train_split.classes), in_chans=c, **recipe.model_options())
@@ -236,11 +264,33 @@ def build_run(request: Request, ctx: dist.DistContext, precision: str, init_from
     if resumed:
         state.restore(*resumed, ctx.device, ctx)
         if state.step > len(train_loader):  # known only now: an epoch's steps depend on the data and the batch size
-            raise corrupt_resume(request.run_dir, f"position.step is {state.step}, past the {len(train_loader)} steps of an epoch")
-    classifier = Classifier(net, preprocess, train_split.classes, tta=recipe.tta, precision=precision,
-                            input_shape=(c, h, w), channels_last=recipe.channels_last)  # fmt: skip
+            raise corrupt_resume(
+                request.run_dir, f"position.step is {state.step}, past the {len(train_loader)} steps of an epoch"
+            )
+    classifier = Classifier(
+        net,
+        preprocess,
+        train_split.classes,
+        tta=recipe.tta,
+        precision=precision,
+        input_shape=(c, h, w),
+        channels_last=recipe.channels_last,
+    )
     model = dist.wrap(net, ctx)
     if recipe.compile:
         model = torch.compile(model)
-    return Run(recipe, ctx, precision, train_split.classes, (c, h, w), len(train_split), train_loader, test_loader, state,
-               model, classifier, nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), lr)  # fmt: skip
+    return Run(
+        recipe,
+        ctx,
+        precision,
+        train_split.classes,
+        (c, h, w),
+        len(train_split),
+        train_loader,
+        test_loader,
+        state,
+        model,
+        classifier,
+        nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+        lr,
+    )

@@ -22,6 +22,7 @@ class TrainingInterrupted(ResnetlabError):
         super().__init__(message)
         self.exit_code = 128 + signum
 
+
 @contextmanager
 def stop_flag(sigterm: bool) -> Iterator[dict[str, Any]]:
     """Turn the first Ctrl-C (and SIGTERM when ``sigterm``) into a flag the loop checks between

@@ -68,7 +68,9 @@ class TrainState:
         """The optimizer's param groups without their parameters (JSON)."""
         return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
 
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device, ctx: dist.DistContext) -> None:
+    def restore(
+        self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device, ctx: dist.DistContext
+    ) -> None:
         """Take a checkpoint's state (validated by ``request.resumed_run``)."""
         load_weights(self.net, prefixed(tensors, "model."), "checkpoint weights do not fit the model")
         self.preprocess.mean.copy_(torch.tensor(meta["preprocessing"]["mean"]).view_as(self.preprocess.mean))
@@ -129,8 +131,9 @@ class Checkpointer:
         stop: the signal flag (:func:`signals.stop_flag`).
     """
 
-    def __init__(self, files: RunFiles, state: TrainState, static: dict[str, Any], ctx: dist.DistContext,
-                 stop: dict[str, Any]) -> None:  # fmt: skip
+    def __init__(
+        self, files: RunFiles, state: TrainState, static: dict[str, Any], ctx: dist.DistContext, stop: dict[str, Any]
+    ) -> None:
         self.files, self.state, self.static, self.ctx, self.stop = files, state, static, ctx, stop
         self.run_dir: Path = files.run_dir
         self.replacing = False  # an old run waits aside (--force) for this run's first checkpoint
@@ -139,16 +142,29 @@ class Checkpointer:
         """Save everything needed to continue at the state's (epoch, step)."""
         state = self.state
         if self.stop["interrupted"] and self.replacing and not self.files.checkpointed:  # the old run comes back
-            raise TrainingInterrupted(f"{stopped(self.stop)} before this run's first checkpoint; {self.run_dir} holds the "
-                                      "run it was replacing again", self.stop["signal"])  # fmt: skip
+            raise TrainingInterrupted(
+                f"{stopped(self.stop)} before this run's first checkpoint; {self.run_dir} holds the "
+                "run it was replacing again",
+                self.stop["signal"],
+            )
         if not all(torch.isfinite(p).all() for p in state.net.parameters()):
-            raise NonFiniteLoss(f"weights became non-finite at epoch {state.epoch + 1}, step {state.step}; checkpoint not written")
+            raise NonFiniteLoss(
+                f"weights became non-finite at epoch {state.epoch + 1}, step {state.step}; checkpoint not written"
+            )
         saved_sums = dist.global_sums(state.sums, self.ctx.device)  # the epoch so far over all ranks
         if self.ctx.is_main:
-            save_checkpoint(self.run_dir / CHECKPOINT_NAME, state.tensors(self.ctx.device),
-                            {**self.static, "position": {"epoch": state.epoch, "step": state.step}, "sums": saved_sums,
-                             "history": state.history, "optimizer": state.optimizer_groups(),
-                             "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None})  # fmt: skip
+            save_checkpoint(
+                self.run_dir / CHECKPOINT_NAME,
+                state.tensors(self.ctx.device),
+                {
+                    **self.static,
+                    "position": {"epoch": state.epoch, "step": state.step},
+                    "sums": saved_sums,
+                    "history": state.history,
+                    "optimizer": state.optimizer_groups(),
+                    "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+                },
+            )
         self.files.mark_checkpointed()
         dist.barrier()
 

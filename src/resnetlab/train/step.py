@@ -18,17 +18,28 @@ from resnetlab.data import Preprocess, random_crop, random_erasing, random_flip,
 from resnetlab.errors import ResnetlabError
 from resnetlab.train.recipes import Recipe
 
-__all__ = ["NonFiniteLoss", "StepClock", "augment_generator", "lr_factor", "make_optimizer", "train_inputs", "train_step", "xavier_init"]
+__all__ = [
+    "NonFiniteLoss",
+    "StepClock",
+    "augment_generator",
+    "lr_factor",
+    "make_optimizer",
+    "train_inputs",
+    "train_step",
+    "xavier_init",
+]
 
 
 class NonFiniteLoss(ResnetlabError):
     """The loss became NaN or infinite; the last good checkpoint, if there is one, is kept."""
+
 
 def xavier_init(net: nn.Module) -> None:
     """The chapter's ``train_ch6`` init: Xavier-uniform on every Conv2d and Linear weight."""
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(m.weight)
+
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
     """Learning-rate multiplier at ``step`` (a pure function: nothing to save but the step)."""
@@ -42,6 +53,7 @@ def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
         return max(0.0, 1.0 - progress)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
+
 def make_optimizer(recipe: Recipe, net: nn.Module, lr: float) -> torch.optim.Optimizer:
     # No weight decay on BN parameters and biases, the usual choice for ResNets.
     decay = [p for p in net.parameters() if p.ndim > 1]
@@ -51,14 +63,17 @@ def make_optimizer(recipe: Recipe, net: nn.Module, lr: float) -> torch.optim.Opt
         return torch.optim.AdamW(groups, lr=lr, foreach=True)
     return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, foreach=True)
 
+
 def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
     """A CPU generator determined by (seed, epoch, step, rank): resumable without saved state."""
     # Modulo 2**64, torch's seed range: the product overflows it from seed ~18,000 on, and torch
     # itself takes any seed modulo 2**64, so every seed that fitted keeps its exact generator.
     return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank) % 2**64)
 
-def train_inputs(images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, gen: torch.Generator,
-                 size: int | None = None) -> torch.Tensor:  # fmt: skip
+
+def train_inputs(
+    images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, gen: torch.Generator, size: int | None = None
+) -> torch.Tensor:
     """uint8 batch -> float, resized (to ``size``, default the test size), augmented, normalised model input (all batched on the device)."""
     x = to_float(images)
     size = size or preprocess.size
@@ -77,9 +92,16 @@ def train_inputs(images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, g
     return x
 
 
-def train_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, loss_fn: nn.Module, amp_dtype: torch.dtype | None,
-               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_fn: nn.Module,
+    amp_dtype: torch.dtype | None,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step: forward under autocast, the finiteness check, backward, update.
 
     Args:

@@ -82,8 +82,9 @@ def convert_sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
 def _convert_cpu(module: nn.Module) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
         # Like nn.SyncBatchNorm.convert_sync_batchnorm: the same parameters and buffers, re-homed.
-        new = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                               device="meta")  # fmt: skip
+        new = CpuSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, device="meta"
+        )
         new.weight, new.bias = module.weight, module.bias
         new.running_mean, new.running_var = module.running_mean, module.running_var
         new.num_batches_tracked = module.num_batches_tracked
