@@ -325,7 +325,8 @@ def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -
         ),
         (
             ["train", "--workers", "100000"],  # started 100,000 DataLoader processes of ~350 MB each
-            f"--workers 100000 would start 100000 processes on {os.cpu_count()} CPUs; use at most {4 * os.cpu_count()} (the chapter uses 4)",
+            f"--workers 100000 would start 100000 processes on {os.cpu_count()} CPUs; "
+            f"use at most {4 * os.cpu_count()} (the chapter uses 4)",
         ),
         (["infer", "--small-reps", "0"], "--small-reps must be >= 1, not 0"),
         (["infer", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),

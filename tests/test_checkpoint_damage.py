@@ -1,4 +1,6 @@
-"""A damaged checkpoint is refused in one line naming the file and the field: never a traceback, never a silent wrong result.
+"""A damaged checkpoint is refused in one line naming the file and the field.
+
+Never a traceback, never a silent wrong result.
 
 Two tiny runs (resnet10 width 8, SGD and AdamW, on a synthetic 2-class image folder, fp32) are
 trained once per module and stopped mid-epoch, so that their checkpoints hold optimizer state, a

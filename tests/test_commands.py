@@ -14,14 +14,17 @@ from resnetlab.cli import main
 from resnetlab.errors import UsageError
 from resnetlab.train import train
 
-HEAP_PROBE = r"""
+HEAP_PROBE = (
+    r"""
 import ctypes
 from resnetlab.train.commands import bound_glibc_heap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
+"""
+    '                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", '
+    '"fordblks", "keepcost")]\n'
+    r"""
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], MallInfo2
 applied = bound_glibc_heap()
@@ -29,6 +32,7 @@ libc.free(libc.malloc(9 << 20))  # by default this free raises glibc's mmap thre
 block = libc.malloc(9 << 20)
 print(applied, libc.mallinfo2().hblkhd >= 9 << 20)  # was the second 9 MiB block mmapped?
 """
+)
 
 
 @pytest.mark.skipif(

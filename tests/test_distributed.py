@@ -456,7 +456,10 @@ def test_plain_torchrun_worker_that_lost_its_peer_says_so_in_one_line(folder, tm
 
 
 def test_lost_peer_line_names_torchelastic_restart(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """gloo's dead-peer errors are plain RuntimeErrors: with restarts left, the line says torchrun restarts the group."""
+    """gloo's dead-peer errors are plain RuntimeErrors.
+
+    With restarts left, the line says torchrun restarts the group.
+    """
     import argparse
 
     from resnetlab import cli

@@ -1,4 +1,7 @@
-"""Evaluation (train/evaluate.py and `resnetlab eval`): the log's accuracy, the batch size, class names, empty test splits."""
+"""Evaluation (train/evaluate.py and `resnetlab eval`).
+
+Covered: the log's accuracy, the batch size, class names, empty test splits.
+"""
 
 from __future__ import annotations
 

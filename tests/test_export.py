@@ -379,7 +379,8 @@ def test_predict_refuses_fifos_instead_of_waiting_forever(run_dir, tmp_path):
     code = textwrap.dedent(
         f"""
         from resnetlab.cli import main
-        print(main(["predict", {str(run_dir)!r}, {str(fifo)!r}]), main(["predict", {str(tmp_path / "run")!r}, {str(image)!r}]))
+        print(main(["predict", {str(run_dir)!r}, {str(fifo)!r}]), """
+        f"""main(["predict", {str(tmp_path / "run")!r}, {str(image)!r}]))
         """
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -388,7 +389,8 @@ def test_predict_refuses_fifos_instead_of_waiting_forever(run_dir, tmp_path):
     assert proc.stdout == "2 2\n"
     assert proc.stderr == (
         f"resnetlab: error: {fifo}: not a regular file (a FIFO, device or directory); give an image file\n"
-        f"resnetlab: error: {tmp_path / 'run' / 'last.safetensors'} is not a regular file (a directory, FIFO or device); "
+        f"resnetlab: error: {tmp_path / 'run' / 'last.safetensors'} "
+        "is not a regular file (a directory, FIFO or device); "
         "give a run directory or its last.safetensors\n"
     )
 
@@ -515,7 +517,8 @@ def test_options_may_come_before_a_double_dash_that_follows_positionals(
         ),
         (
             ["bench", "time-to-accuracy", "--seeds", "1", "3"],
-            "resnetlab bench time-to-accuracy: error: unrecognized arguments: 3; see resnetlab bench time-to-accuracy --help",
+            "resnetlab bench time-to-accuracy: error: unrecognized arguments: 3; "
+            "see resnetlab bench time-to-accuracy --help",
         ),
         (
             ["bench", "train", "--steps", "x"],

@@ -93,7 +93,10 @@ def test_header_and_config_name_the_class_and_the_precision(run) -> None:
     precision, result, stdout = run
     kind = device_mod.cpu_class()
     threads = torch.get_num_threads()
-    expected = f"training on cpu ({kind}, {threads} threads): {precision}{' autocast' if precision == 'bf16' else ''}, channels_last"
+    expected = (
+        f"training on cpu ({kind}, {threads} threads): "
+        f"{precision}{' autocast' if precision == 'bf16' else ''}, channels_last"
+    )
     assert stdout.splitlines()[0] == expected
     config = json.loads((result.run_dir / "config.json").read_text())
     assert config["precision"] == precision and config["cpu_class"] == kind

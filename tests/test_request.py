@@ -45,7 +45,8 @@ def test_resume_names_an_unknown_field_from_the_python_api(tiny_run, tmp_path: P
         ),
         (
             ["--epochs", "2", "--progressive-sizes", "16,20"],  # 20 was dropped silently
-            "progressive sizes 16,20 name 2 early epoch(s), but with 2 epoch(s) only 1 train before the last (which trains at --resize)",
+            "progressive sizes 16,20 name 2 early epoch(s), but with 2 epoch(s) only 1 train before the last "
+            "(which trains at --resize)",
         ),
         (["--resize", str(10**20)], "resize must be in [0, 2**31 - 1]"),
         (["--momentum", "0"], "Nesterov momentum needs momentum; set --momentum (e.g. 0.9) or add --no-nesterov"),

@@ -80,9 +80,9 @@ def test_summary_stem_and_width(capsys):
 def test_summary_unknown_model(capsys):
     code, lines, err = run(capsys, "summary", "resnet19")
     assert code == 2 and lines == []
-    assert (
-        err
-        == "resnetlab: error: unknown model 'resnet19'; did you mean resnet18, resnet10, resnet152? (see `resnetlab models`)\n"
+    assert err == (
+        "resnetlab: error: unknown model 'resnet19'; did you mean resnet18, resnet10, resnet152? "
+        "(see `resnetlab models`)\n"
     )
 
 
@@ -148,7 +148,8 @@ def test_sizes_too_large_for_memory_are_one_line_naming_them(capsys, monkeypatch
         "resnetlab: error: out of memory (Storage size calculation overflowed with sizes=[1000000000, "
     )
     assert err.endswith("; make the model, images or batch smaller (given: --input 1x1x224x224, --width 1000000000)\n")
-    # The CPU allocator refusing a real allocation (256 TiB, more than any address space), as `train --width 100000` does.
+    # The CPU allocator refusing a real allocation (256 TiB, more than any address space),
+    # as `train --width 100000` does.
     monkeypatch.setattr(summary, "count_parameters", lambda model: torch.empty(2**48, dtype=torch.uint8).numel())
     code, _, err = run(capsys, "summary", "resnet10", "--width", "8")
     assert code == 2 and err == (

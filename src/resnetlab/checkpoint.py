@@ -199,7 +199,9 @@ def tensor_mismatch(found: dict[str, torch.Tensor], expected: dict[str, TensorSp
 
 
 def optimizer_state_spec(optimizer: torch.optim.Optimizer) -> dict[str, TensorSpec]:
-    """``optim.<index>.<key>`` -> (dtype, shape) of the state ``optimizer`` holds after a step, as a checkpoint stores it.
+    """``optim.<index>.<key>`` -> (dtype, shape) of the state ``optimizer`` holds after a step.
+
+    Keys, dtypes and shapes are as a checkpoint stores them.
 
     Args:
         optimizer: the optimizer a resumed run builds (its parameters may be on the meta device).

@@ -155,7 +155,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--progressive-sizes",
         metavar="SIZES",
-        help="progressive resizing: train the first epochs at these sizes, e.g. 16 (none: off); the last trains at --resize",
+        help=(
+            "progressive resizing: train the first epochs at these sizes, e.g. 16 (none: off); "
+            "the last trains at --resize"
+        ),
     )
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--momentum", type=float)

@@ -301,6 +301,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"wrote {result.path} (ONNX opset {result.opset}, {result.size_bytes / 1e6:.1f} MB)")
     print(
-        f"verified with onnxruntime on {result.verified_on}: max abs diff {result.max_abs_diff:.2e} (tolerance {TOLERANCE:g})"
+        f"verified with onnxruntime on {result.verified_on}: "
+        f"max abs diff {result.max_abs_diff:.2e} (tolerance {TOLERANCE:g})"
     )
     return 0

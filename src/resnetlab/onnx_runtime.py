@@ -103,7 +103,8 @@ class OnnxClassifier:
             out = np.asarray(self.logits(np.zeros((1, *self.input_shape), np.float32)))
         except Exception as err:  # onnxruntime raises its own pybind exception types
             raise CheckpointError(
-                f"{p} fails on a blank {'x'.join(map(str, self.input_shape))} image ({first_line(err)}); export it again"
+                f"{p} fails on a blank {'x'.join(map(str, self.input_shape))} image "
+                f"({first_line(err)}); export it again"
             ) from None
         self.classes = self._classes(out.shape[-1] if out.ndim else 0)
         if out.shape != (1, len(self.classes)):
@@ -151,4 +152,7 @@ class OnnxClassifier:
     __call__ = logits
 
     def __repr__(self) -> str:
-        return f"OnnxClassifier({str(self.path)!r}, model={self.model_name}, input_shape={self.input_shape}, classes={len(self.classes)})"
+        return (
+            f"OnnxClassifier({str(self.path)!r}, model={self.model_name}, "
+            f"input_shape={self.input_shape}, classes={len(self.classes)})"
+        )

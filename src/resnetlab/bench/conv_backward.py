@@ -104,7 +104,8 @@ def run_conv_backward_bench(args: argparse.Namespace) -> int:
 
     print(cpu_line(cpu_info()))
     print(
-        f"{args.recipe}: {r.model}, batch {batch}, {size} px, {torch.get_num_threads()} threads; ms per call (median of {args.reps})"
+        f"{args.recipe}: {r.model}, batch {batch}, {size} px, {torch.get_num_threads()} threads; "
+        f"ms per call (median of {args.reps})"
     )
     print(f"{'convolution':<28}{'forward':>9}{'grad in':>9}{'grad W':>9}{'W/fwd':>7}{'im2col W':>10}")
     timed: dict[tuple, dict[str, float]] = {}  # a layer shape seen twice (layer1's two convolutions) is timed once
@@ -113,13 +114,18 @@ def run_conv_backward_bench(args: argparse.Namespace) -> int:
         key = (tuple(shape[1:]), conv.out_channels, conv.kernel_size, conv.stride)
         if key not in timed:
             t = timed[key] = time_conv(conv, shape, batch, args.reps)
-            name = f"{shape[1]}->{conv.out_channels} {conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]} @{shape[-1]}px"
+            name = (
+                f"{shape[1]}->{conv.out_channels} {conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]} "
+                f"@{shape[-1]}px"
+            )
             print(
-                f"{name:<28}{t['forward']:9.2f}{t['grad in']:9.2f}{t['grad W']:9.2f}{t['grad W'] / t['forward']:7.1f}{t['im2col W']:10.2f}"
+                f"{name:<28}{t['forward']:9.2f}{t['grad in']:9.2f}{t['grad W']:9.2f}"
+                f"{t['grad W'] / t['forward']:7.1f}{t['im2col W']:10.2f}"
             )
         totals = {k: v + timed[key][k] for k, v in totals.items()}
     print(
-        f"{'all ' + str(len(inputs)) + ' convolutions':<28}{totals['forward']:9.2f}{totals['grad in']:9.2f}{totals['grad W']:9.2f}"
-        f"{totals['grad W'] / totals['forward']:7.1f}{totals['best W']:10.2f}  (last: the faster weight gradient per layer)"
+        f"{'all ' + str(len(inputs)) + ' convolutions':<28}{totals['forward']:9.2f}{totals['grad in']:9.2f}"
+        f"{totals['grad W']:9.2f}{totals['grad W'] / totals['forward']:7.1f}{totals['best W']:10.2f}"
+        "  (last: the faster weight gradient per layer)"
     )
     return 0

@@ -68,7 +68,8 @@ def run_train_bench(args: argparse.Namespace) -> int:
     pk = peaks(device, args.peak_size, args.bf16_peak_size)
     say(
         f"matmul peaks: fp32 {pk['fp32_peak_gflops']:.1f} GFLOP/s ({args.peak_size}^2), "
-        f"bf16 {pk['bf16_peak_gflops']:.2f} GFLOP/s ({args.bf16_peak_size}^2): bf16/fp32 = {pk['bf16_over_fp32_peak']:.3f}"
+        f"bf16 {pk['bf16_peak_gflops']:.2f} GFLOP/s ({args.bf16_peak_size}^2): "
+        f"bf16/fp32 = {pk['bf16_over_fp32_peak']:.3f}"
     )
     flops = _flops_per_image(args.model, train, size, batches)
     r, compile_seconds = _time_both_sides(args, train, device, size, block, say)

@@ -41,7 +41,10 @@ class TrainFailed(ResnetlabError):
 
 
 def _epoch_record(run_dir: Path, epoch: int) -> tuple[float | None, float | None]:
-    """(exact test accuracy or None where not measured, training seconds summed over epochs 1..epoch) from ``metrics.jsonl``."""
+    """(exact test accuracy or None where not measured, training seconds summed over epochs 1..epoch).
+
+    Both are read from ``metrics.jsonl``.
+    """
     try:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         row = next(r for r in rows if r.get("epoch") == epoch)
@@ -163,7 +166,8 @@ def run_tta_bench(args: argparse.Namespace) -> int:
         if r["reached"]:
             trained = f", {r['train_seconds']:.1f} s of it training" if r["train_seconds"] is not None else ""
             say(
-                f"seed {seed}: {r['seconds']:.1f} s to test acc {r['accuracy']:.4f} >= {args.target} at epoch {r['epoch']}"
+                f"seed {seed}: {r['seconds']:.1f} s to test acc {r['accuracy']:.4f} >= {args.target} "
+                f"at epoch {r['epoch']}"
                 f"{trained} (process total {r['total_seconds']:.1f} s)"
             )
         else:

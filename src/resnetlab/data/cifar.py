@@ -88,7 +88,8 @@ def _read_batches(
             raise DataError(f"{prefix}{n}: empty file")
         if size % RECORD:
             raise DataError(
-                f"{prefix}{n}: truncated or not a CIFAR-10 batch: {size} bytes is not a whole number of {RECORD}-byte records"
+                f"{prefix}{n}: truncated or not a CIFAR-10 batch: {size} bytes is not a whole number of "
+                f"{RECORD}-byte records"
             )
         counts[n] = size // RECORD
     out = {}

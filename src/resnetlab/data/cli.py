@@ -132,7 +132,8 @@ def _fetch(name: str, root, out: _Printer) -> None:
             return
         bad = next(c for c in checks if not c.ok)
         print(
-            f"resnetlab: warning: {bad.path} fails verification ({bad.detail}); downloading a fresh copy into the cache",
+            f"resnetlab: warning: {bad.path} fails verification ({bad.detail}); "
+            "downloading a fresh copy into the cache",
             file=sys.stderr,
         )
     try:

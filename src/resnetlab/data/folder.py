@@ -161,7 +161,8 @@ def _check_class_links(root: Path, entries: list[Path], class_dirs: list[Path]) 
     for d, real in reals.items():
         if real == real_root or real in real_root.parents:
             raise DataError(
-                f"{d} is a link to {real}, which holds the whole dataset {root}: every image would be in two classes; {fix}"
+                f"{d} is a link to {real}, which holds the whole dataset {root}: "
+                f"every image would be in two classes; {fix}"
             )
     for d, real in reals.items():
         for other, other_real in reals.items():

@@ -95,7 +95,8 @@ def read_idx_stream(f: BinaryIO, source: str, *, ndim: int | None = None, max_pa
         raise DataError(f"{source}: wrong magic number 0x{magic.hex()}{expect}: not an IDX file")
     if magic[2] != UBYTE:
         raise DataError(
-            f"{source}: wrong magic number 0x{magic.hex()}{expect}: IDX type {_TYPE_NAMES[magic[2]]}, only ubyte (0x08) is supported"
+            f"{source}: wrong magic number 0x{magic.hex()}{expect}: "
+            f"IDX type {_TYPE_NAMES[magic[2]]}, only ubyte (0x08) is supported"
         )
     if ndim is not None and magic[3] != ndim:
         raise DataError(f"{source}: wrong magic number 0x{magic.hex()}{expect}: {magic[3]} dimensions, expected {ndim}")
@@ -116,7 +117,8 @@ def read_idx_stream(f: BinaryIO, source: str, *, ndim: int | None = None, max_pa
                 f"needs {count} bytes after the header, the file has {max(available, 0)}"
             )
         raise DataError(
-            f"{source}: header counts disagree with the payload: header {'x'.join(map(str, dims))} claims {count} bytes, "
+            f"{source}: header counts disagree with the payload: "
+            f"header {'x'.join(map(str, dims))} claims {count} bytes, "
             f"more than the compressed file can hold"
         )
     buf = bytearray(count)

@@ -123,7 +123,8 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
-            f"{p} is neither a torch.save nor a safetensors file ({first_line(err)}); give a .pth, .pt or .safetensors weights file"
+            f"{p} is neither a torch.save nor a safetensors file ({first_line(err)}); "
+            "give a .pth, .pt or .safetensors weights file"
         ) from None
     if "resnetlab" in meta:  # a resnetlab checkpoint: its network is under "model."
         tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -169,7 +169,8 @@ def _probe_min_size(model: nn.Module, in_chans: int) -> int:
         size *= 2
         if size > _PROBE_LIMIT:
             raise UsageError(
-                f"{_label(model)} rejects every square input up to {_PROBE_LIMIT}x{_PROBE_LIMIT} with {in_chans} channels"
+                f"{_label(model)} rejects every square input up to "
+                f"{_PROBE_LIMIT}x{_PROBE_LIMIT} with {in_chans} channels"
             )
     lo, hi = last_rejected, size  # lo rejected (or 0), hi accepted
     while hi - lo > 1:

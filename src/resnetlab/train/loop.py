@@ -151,7 +151,8 @@ def announce(run: Run, request: Request, saver: Checkpointer) -> None:
     procs = f" x {ctx.world_size} processes" if ctx.world_size > 1 else ""
     layout = ", channels_last" if recipe.channels_last else ""
     print(
-        f"training on {describe(ctx.device)}{procs}: {precision}{' autocast' if autocast_dtype(precision) else ''}{layout}",
+        f"training on {describe(ctx.device)}{procs}: "
+        f"{precision}{' autocast' if autocast_dtype(precision) else ''}{layout}",
         flush=True,
     )
     warn_if_emulated(precision, ctx.device)
@@ -187,7 +188,9 @@ def announce(run: Run, request: Request, saver: Checkpointer) -> None:
 
 
 def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_every: int, show_bar: bool) -> None:
-    """The epoch's steps from where the run stands: lr, inputs, one :func:`train_step`, the meter, a checkpoint when due.
+    """The epoch's steps from where the run stands.
+
+    Each step: lr, inputs, one :func:`train_step`, the meter, a checkpoint when due.
 
     Args:
         run: the built run; its state's (epoch, step) advance.
@@ -289,7 +292,8 @@ def end_epoch(run: Run, saver: Checkpointer, show_bar: bool) -> torch.Tensor | N
         if not show_bar:
             tested = f"test acc {test_acc:.3f}" if test_acc is not None else "test acc not measured (--eval-every)"
             print(
-                f"epoch {row['epoch']}/{recipe.epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
+                f"epoch {row['epoch']}/{recipe.epochs}: loss {row['train_loss']:.3f}, "
+                f"train acc {row['train_acc']:.3f}, "
                 f"{tested}, {row['images_per_s']:.1f} examples/sec, {row['seconds']:.1f} s",
                 flush=True,
             )

@@ -147,7 +147,8 @@ def _wrong_numbers(
         if v is None and key in may_be_none:
             continue
         kind = numbers.Integral if integer else numbers.Real
-        # within the largest float, not isfinite: NaN fails it, and a huge JSON int (summed with floats later) makes isfinite raise
+        # within the largest float, not isfinite: NaN fails it, and a huge JSON int (summed with floats later)
+        # makes isfinite raise
         if not (isinstance(v, kind) and not isinstance(v, bool) and low <= v <= high and abs(v) <= sys.float_info.max):
             bounds = "> 0" if low == _POSITIVE else f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
             shown = repr(v)[:60] if key in values else "missing"

@@ -52,7 +52,9 @@ def _unusable(run_dir: Path, doing: str, err: OSError) -> UsageError:
 
 
 def prepare_run_dir(out: str | Path | None, recipe_name: str, force: bool) -> Path:
-    """Choose the run directory (``--out``, else runs/RECIPE-TIMESTAMP) and check it may be used; nothing is written or removed yet.
+    """Choose the run directory (``--out``, else runs/RECIPE-TIMESTAMP) and check it may be used.
+
+    Nothing is written or removed yet.
 
     A default name is not checked here: :meth:`RunFiles.create` claims it, or ``NAME-2``, ``NAME-3``...
     when another run (started in the same second) has it.
@@ -225,7 +227,10 @@ def check_not_in_use(run_dir: Path) -> None:
 
 
 def _in_use(run_dir: Path, lock_file: Any) -> UsageError:
-    """The refusal naming the PID in the held ``lock_file`` (which it closes); the holder writes it just after locking."""
+    """The refusal naming the PID in the held ``lock_file`` (which it closes).
+
+    The holder writes the PID just after locking.
+    """
     with lock_file:
         for _ in range(20):
             lock_file.seek(0)

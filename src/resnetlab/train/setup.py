@@ -199,7 +199,8 @@ def make_loaders(
     early = sorted(set(recipe.early_sizes()))  # progressive resizing
     if early and not size and h != w:
         raise UsageError(
-            f"progressive sizes are square and these images are {h}x{w}; set --resize too (the square side they are tested at)"
+            f"progressive sizes are square and these images are {h}x{w}; "
+            "set --resize too (the square side they are tested at)"
         )
     sizes = [(size or min(h, w), "--resize {}"), *((e, "--progressive-sizes sizes of {}") for e in early)]
     smallest_norm_map = min(check_train_size(net, side, c, recipe.model, batch_size, fix) for side, fix in sizes)
@@ -222,7 +223,8 @@ def make_loaders(
     )
     if len(train_loader) == 0:
         raise UsageError(
-            f"batch size {batch_size} x {ctx.world_size} processes is larger than the {len(train_split)} training images"
+            f"batch size {batch_size} x {ctx.world_size} processes "
+            f"is larger than the {len(train_split)} training images"
         )
     return train_loader, test_loader
 

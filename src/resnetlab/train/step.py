@@ -74,7 +74,10 @@ def augment_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Gene
 def train_inputs(
     images: torch.Tensor, recipe: Recipe, preprocess: Preprocess, gen: torch.Generator, size: int | None = None
 ) -> torch.Tensor:
-    """uint8 batch -> float, resized (to ``size``, default the test size), augmented, normalised model input (all batched on the device)."""
+    """uint8 batch -> float, resized (to ``size``, default the test size), augmented, normalised model input.
+
+    All of it batched on the device.
+    """
     x = to_float(images)
     size = size or preprocess.size
     if size is not None:
