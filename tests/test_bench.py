@@ -141,8 +141,8 @@ def test_d2l_recipe_trains_bit_identically_to_train_ch6_on_the_same_batches(tiny
     from resnetlab.checkpoint import prefixed, read_checkpoint
     from resnetlab.data import BatchLoader, Preprocess
     from resnetlab.train import train
-    from resnetlab.train.loop import train_inputs
     from resnetlab.train.recipes import get_recipe
+    from resnetlab.train.step import train_inputs
 
     train("d2l", out=tmp_path / "run", dataset=tiny_folder, epochs=2, batch_size=16, resize=64, progress=False)
     tensors, _ = read_checkpoint(tmp_path / "run")

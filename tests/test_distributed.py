@@ -489,10 +489,8 @@ def test_resume_on_another_world_size_is_refused(single, two_nodes, tmp_path):
     # 2 processes -> 1: refused before anything is written
     copy2 = tmp_path / "two"
     shutil.copytree(two_nodes["run_dir"], copy2)
-    with (
-        pytest.raises(UsageError, match=r"trained by 2 process\(es\) but this run has 1"),
-        float64(),
-    ):  # the runs' dtype
+    # read in the runs' own dtype
+    with pytest.raises(UsageError, match=r"trained by 2 process\(es\) but this run has 1"), float64():
         train(resume=copy2)
     # 1 process -> 2 with --nproc: refused once, before torchrun starts (the launcher in float64 too, as the run)
     copy1 = tmp_path / "one"

@@ -82,10 +82,8 @@ def test_cpu_class_and_auto(flags: set[str], isa: str | None, expected: str, mon
 def test_this_machine_has_a_class_that_matches_oneDNN() -> None:
     """The class read from the CPU flags agrees with oneDNN's own view of bf16."""
     kind = device_mod.cpu_class()
-    if kind in (
-        "AMX",
-        "AVX-512 BF16",
-    ):  # oneDNN also calls AVX-512 without BF16 "supported" (emulated), so one way only
+    # oneDNN also calls AVX-512 without BF16 "supported" (emulated), so one way only
+    if kind in ("AMX", "AVX-512 BF16"):
         assert torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from resnetlab.errors import CheckpointError, UsageError
 from resnetlab.fileio import CHECKPOINT_NAME, PREVIOUS_RUN, fsync_dir, is_torch_save, read_head, umask_mode
+from resnetlab.models.pretrained import non_finite
 
 FORMAT_VERSION = 1
 # metadata every checkpoint written by training holds; using or resuming one reads them all
@@ -123,10 +124,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(
             f"{p} is a safetensors file without resnetlab metadata; for bare weights use load_pretrained"
         )
-    if not all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model.") and t.is_floating_point()):
-        raise CheckpointError(
-            f"{p} holds non-finite (NaN or inf) weights; it is damaged, use another checkpoint"
-        )  # never saved
+    if non_finite(prefixed(tensors, "model.")):  # never saved: training checks the weights before it writes
+        raise CheckpointError(f"{p} holds non-finite (NaN or inf) weights; it is damaged, use another checkpoint")
     try:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as err:

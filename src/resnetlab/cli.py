@@ -55,9 +55,8 @@ class _Parser(argparse.ArgumentParser):
             return super().parse_known_args(given, namespace)
         if "--" in given:
             cut = given.index("--")
-            if cut and self._wants_a_value(
-                given[cut - 1]
-            ):  # `--topk -- 1`: its value is missing, as plain parsing says
+            # `--topk -- 1`: its value is missing, as plain parsing says
+            if cut and self._wants_a_value(given[cut - 1]):
                 return super().parse_known_args(given, namespace)
             words = {i: word for i, word in enumerate(given[cut + 1 :]) if word.startswith("-")}
             self._after_dashes = {f"resnetlab:word{i}:after--": word for i, word in words.items()}

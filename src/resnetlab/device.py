@@ -83,11 +83,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         device = None
-    if device is None or device.type not in (
-        "cpu",
-        "cuda",
-        "mps",
-    ):  # torch also knows meta, xpu, lazy...: not usable here
+    # torch also knows meta, xpu, lazy...: not usable here
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")

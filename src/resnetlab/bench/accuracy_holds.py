@@ -37,8 +37,6 @@ def run_accuracy_holds_bench(args: argparse.Namespace) -> int:
     Returns:
         0 when the accuracies are within ``tolerance`` points, 1 otherwise.
     """
-    from resnetlab.train import train
-
     resize = CHAPTER["resize"] if args.resize is None else args.resize
     workers = CHAPTER["num_workers"] if args.workers is None else args.workers
     say = (lambda *_: None) if args.json else print
@@ -65,19 +63,7 @@ def run_accuracy_holds_bench(args: argparse.Namespace) -> int:
         control = run_reference(**reference_args, resnetlab_order=True)
     say(f"resnetlab train --recipe d2l, {args.epochs} epoch(s), seed {args.seed}:")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="resnetlab-acc-") as tmp:
-        ours = train(
-            "d2l",
-            out=f"{tmp}/run",
-            epochs=args.epochs,
-            seed=args.seed,
-            subset=args.subset or None,
-            resize=resize,
-            dataset=args.dataset,
-            data_root=args.data_root,
-            device=args.device,
-            progress=False,
-        )
+    ours = _train_d2l(args, resize)
     t_ours = time.perf_counter() - t0
     gap = 100 * (ours.test_acc - ref["test_acc"])
     ok = abs(gap) <= args.tolerance
@@ -109,6 +95,25 @@ def run_accuracy_holds_bench(args: argparse.Namespace) -> int:
             )
         )
     return 0 if ok else 1
+
+
+def _train_d2l(args: argparse.Namespace, resize: int) -> Any:
+    """resnetlab's ``d2l`` recipe with the comparison's settings, in a throw-away run directory."""
+    from resnetlab.train import train
+
+    with tempfile.TemporaryDirectory(prefix="resnetlab-acc-") as tmp:
+        return train(
+            "d2l",
+            out=f"{tmp}/run",
+            epochs=args.epochs,
+            seed=args.seed,
+            subset=args.subset or None,
+            resize=resize,
+            dataset=args.dataset,
+            data_root=args.data_root,
+            device=args.device,
+            progress=False,
+        )
 
 
 def _split_the_gap(control: dict[str, Any], ref_acc: float, our_acc: float, say: Any) -> dict[str, Any]:

@@ -64,9 +64,8 @@ class PretrainedReport:
 def weights_file(path: str | os.PathLike) -> Path:
     """``path`` if it is a file (a run directory: its checkpoint), else a CheckpointError saying what to give."""
     p = Path(path)
-    if (
-        p.is_dir() and (p / CHECKPOINT_NAME).is_file()
-    ):  # fine-tuning from a resnetlab run, as every other command takes it
+    # fine-tuning from a resnetlab run, as every other command takes it
+    if p.is_dir() and (p / CHECKPOINT_NAME).is_file():
         p = p / CHECKPOINT_NAME
     if not p.is_file():
         raise CheckpointError(f"no weights file at {p}; give a torchvision/timm .pth, .pt or .safetensors file")
@@ -237,6 +236,11 @@ def _is_main_process() -> bool:
     )
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating-point tensors holding a NaN or an infinity (damaged weights)."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def load_pretrained(
     model: nn.Module | str, path: str | os.PathLike, *, verbose: bool = True, **options: Any
 ) -> nn.Module:
@@ -284,7 +288,7 @@ def load_pretrained(
         f"weights in {path} do not fit {_model_label(model)}: the file looks like {describe_weights(original)}",
     )
     sd = {k: v for k, v in sd.items() if k in target}
-    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = non_finite(sd)
     if broken:  # training from them fails at step 0 with "loss is nan ... lower --lr", which is not the cause
         raise CheckpointError(
             f"{path} holds non-finite (NaN or inf) weights in {len(broken)} tensor(s), e.g. {broken[0]}; "

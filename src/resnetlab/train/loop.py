@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from resnetlab.train.request import Request, resolve_request
 from resnetlab.train.rundir import RunFiles, plot_confusion, prepare_run_dir, write_json
 from resnetlab.train.setup import Run, build_run
 from resnetlab.train.signals import TrainingInterrupted, stop_flag, stopped
-from resnetlab.train.state import EMPTY_SUMS, Checkpointer, EpochMeter
+from resnetlab.train.state import EMPTY_SUMS, Checkpointer, EpochMeter, progress_bar
 from resnetlab.train.step import NonFiniteLoss, augment_generator, lr_factor, train_inputs, train_step
 
 __all__ = ["RunResult", "train"]
@@ -97,20 +96,12 @@ def train(
         overrides=overrides,
     )
     ctx = dist.setup(resolve_device(request.recipe.device))
-    if (
-        ctx.device.type == "cuda"
-    ):  # fixed shapes: cuDNN times its kernels once and keeps the fastest (as timm's train.py)
+    # fixed shapes: cuDNN times its kernels once and keeps the fastest (as timm's train.py)
+    if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if request.resumed:
         elastic.check_world_size(request.resumed[1].get("world_size"), ctx.world_size, request.run_dir)
-    run_dir = request.run_dir
-    if run_dir is None:  # only rank 0 touches the file system
-        run_dir = (
-            prepare_run_dir(request.out, request.recipe.name, request.force)
-            if ctx.is_main
-            else Path(request.out or ".")
-        )
-        run_dir = Path(dist.broadcast_object(str(run_dir)))
+    run_dir = request.run_dir or _new_run_dir(request, ctx)
     run = build_run(request, ctx, resolve_precision(request.recipe.precision, ctx.device), init_from)
     state = run.state
     dist.check_agree(
@@ -128,9 +119,8 @@ def train(
     # A failure before the first checkpoint removes what this run wrote (and puts back a run --force set aside).
     with stop_flag(sigterm=ctx.world_size == 1 and elastic.job_id() is None) as stop, files:
         saver = Checkpointer(files, state, run.checkpoint_meta(request.data_root), ctx, stop)
-        if (
-            ctx.is_main
-        ):  # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
+        # only now: bad data or a bad model size leaves no empty run directory, nor --force a deleted run
+        if ctx.is_main:
             files.create()
             saver.run_dir = files.run_dir
             announce(run, request, saver)
@@ -168,9 +158,8 @@ def announce(run: Run, request: Request, saver: Checkpointer) -> None:
         saver.write_history(
             run.title
         )  # a kill between a checkpoint and the metrics written after it left them one epoch behind
-    if (
-        not request.resumed or not (run_dir / "config.json").exists()
-    ):  # a resume keeps the command and commit that started it
+    # a resume keeps the command and commit that started it
+    if not request.resumed or not (run_dir / "config.json").exists():
         write_json(
             run_dir / "config.json",
             {
@@ -202,7 +191,7 @@ def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_ev
     recipe, state, ctx = run.recipe, run.state, run.ctx
     run.model.train()
     size = recipe.train_size(state.epoch)  # the test size, or smaller in early epochs (progressive resizing)
-    bar = _progress(run.steps_per_epoch, f"epoch {state.epoch + 1}/{recipe.epochs}", show_bar, state.step)
+    bar = progress_bar(run.steps_per_epoch, f"epoch {state.epoch + 1}/{recipe.epochs}", show_bar, state.step)
     meter = EpochMeter(ctx.device)
     amp_dtype = autocast_dtype(run.precision)
     for step, (images, labels) in enumerate(run.train_loader.batches(state.epoch, state.step), start=state.step):
@@ -239,7 +228,7 @@ def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_ev
         elastic.record_step_loss(state.epoch, step, loss, len(labels))
         state.step = step + 1
         if bar is not None:
-            _show_progress(bar, meter, state.sums, step, run.steps_per_epoch, ctx.world_size)
+            meter.show(bar, state.sums, step, run.steps_per_epoch, ctx.world_size)
         if stop["interrupted"] or (checkpoint_every and (global_step + 1) % checkpoint_every == 0):
             if stop["interrupted"] and bar is not None:
                 bar.close()
@@ -342,23 +331,9 @@ def finish(run: Run, run_dir: Path, confusion: torch.Tensor | None) -> RunResult
     return result
 
 
-def _progress(total: int, desc: str, enabled: bool, done: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
-    bar.update(done)
-    return bar
-
-
-def _show_progress(bar: Any, meter: EpochMeter, sums: dict[str, Any], step: int, steps: int, world_size: int) -> None:
-    if step % 10 == 0 or step == steps - 1:  # the running figures need a host sync: not every step
-        done = sums["count"] + meter.count
-        elapsed = sums["seconds"] + time.perf_counter() - meter.started
-        bar.set_postfix(
-            loss=f"{(sums['loss'] + meter.loss.item()) / done:.3f}",
-            acc=f"{(sums['correct'] + meter.correct.item()) / done:.3f}",
-            img_s=f"{done * world_size / max(elapsed, 1e-9):.0f}",
-        )
-    bar.update(1)
+def _new_run_dir(request: Request, ctx: dist.DistContext) -> Path:
+    """A new run's directory: rank 0 chooses and checks it (only it touches the file system); every rank learns it."""
+    run_dir = (
+        prepare_run_dir(request.out, request.recipe.name, request.force) if ctx.is_main else Path(request.out or ".")
+    )
+    return Path(dist.broadcast_object(str(run_dir)))

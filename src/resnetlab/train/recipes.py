@@ -166,15 +166,13 @@ class Recipe:
     def validate(self) -> "Recipe":
         """Raise UsageError for values that cannot mean anything; return self."""
         self.check_types()
-        for f in dataclasses.fields(
-            self
-        ):  # first: inf passes range checks such as lr > 0, and nan fails them obscurely
+        # first: inf passes range checks such as lr > 0, and nan fails them obscurely
+        for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, not {value}")
-            if (
-                f.type == "float" and abs(value) > MAX_FLOAT32
-            ):  # torch stores lr and decay as float32 scalars (an int too)
+            # torch stores lr and decay as float32 scalars (an int too)
+            if f.type == "float" and abs(value) > MAX_FLOAT32:
                 raise UsageError(f"{f.name.replace('_', ' ')} must be at most {MAX_FLOAT32:.3g} (float32), not {value}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),

@@ -196,9 +196,8 @@ def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: 
         raise corrupt(wrong)
     if position["epoch"] > recipe.epochs:
         raise corrupt(f"position.epoch is {position['epoch']}, past the recipe's {recipe.epochs} epochs")
-    if sums["correct"] > sums["count"] or (position["step"] > 0) != (
-        sums["count"] > 0
-    ):  # mid-epoch, and only then, images were counted
+    # mid-epoch, and only then, images were counted
+    if sums["correct"] > sums["count"] or (position["step"] > 0) != (sums["count"] > 0):
         raise corrupt(f"sums {sums} do not fit position {position}")
     if not (isinstance(history, list) and len(history) == position["epoch"]):
         raise corrupt(f"history is not a list of the {position['epoch']} finished epochs")

@@ -8,6 +8,7 @@ rank waits; a run stopped before its first checkpoint while an old run waits asi
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from resnetlab.train.rundir import RunFiles, plot_curves, write_metrics
 from resnetlab.train.signals import TrainingInterrupted, stopped
 from resnetlab.train.step import NonFiniteLoss, StepClock
 
-__all__ = ["EMPTY_SUMS", "EpochMeter", "TrainState", "Checkpointer"]
+__all__ = ["EMPTY_SUMS", "EpochMeter", "TrainState", "Checkpointer", "progress_bar"]
 
 # An epoch's running sums (a checkpoint saves them mid-epoch).
 EMPTY_SUMS = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
@@ -108,6 +109,18 @@ class EpochMeter:
         self.correct += (logits.argmax(dim=1) == labels).sum()
         self.count += len(labels)
 
+    def show(self, bar: Any, sums: dict[str, Any], step: int, steps: int, world_size: int) -> None:
+        """Advance a progress bar by one step; every 10th step (a host sync) also show the running figures."""
+        if step % 10 == 0 or step == steps - 1:
+            done = sums["count"] + self.count
+            elapsed = sums["seconds"] + time.perf_counter() - self.started
+            bar.set_postfix(
+                loss=f"{(sums['loss'] + self.loss.item()) / done:.3f}",
+                acc=f"{(sums['correct'] + self.correct.item()) / done:.3f}",
+                img_s=f"{done * world_size / max(elapsed, 1e-9):.0f}",
+            )
+        bar.update(1)
+
     def fold(self, sums: dict[str, Any]) -> None:
         """Add what was measured to the epoch's ``sums`` and start again (waits for queued steps)."""
         compute = self.clock.take()
@@ -173,3 +186,14 @@ class Checkpointer:
         write_metrics(self.run_dir, self.state.history)
         if self.state.history:
             plot_curves(self.run_dir / "curves.png", self.state.history, title)
+
+
+def progress_bar(total: int, desc: str, enabled: bool, done: int) -> Any:
+    """A tqdm bar of ``total`` steps, ``done`` of them already (a resumed epoch), or None when not shown."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+    bar.update(done)
+    return bar
