@@ -425,22 +425,29 @@ def test_time_to_accuracy_parsing_and_median(capsys: pytest.CaptureFixture[str])
     assert capsys.readouterr().err == "resnetlab: error: --train-args: No closing quotation\n"
 
 
+def _accuracy_holds_tiny(dataset: str) -> list[str]:
+    """`bench accuracy-holds` at the smallest settings, on a tiny image folder."""
+    return [
+        "bench",
+        "accuracy-holds",
+        "--epochs",
+        "1",
+        "--resize",
+        "32",
+        "--workers",
+        "0",
+        "--dataset",
+        dataset,
+        "--tolerance",
+        "100",
+    ]
+
+
 def test_bench_accuracy_holds_runs_tiny(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
     r = last_json(
         capsys,
         [
-            "bench",
-            "accuracy-holds",
-            "--epochs",
-            "1",
-            "--resize",
-            "32",
-            "--workers",
-            "0",
-            "--dataset",
-            tiny_folder,
-            "--tolerance",
-            "100",
+            *_accuracy_holds_tiny(tiny_folder),
             "--control",
             "--json",
         ],
@@ -568,23 +575,7 @@ def test_pipeline_reference_side_is_the_chapters_pil_resize(tiny_folder: str) ->
 
 
 def test_bench_accuracy_holds_prints_its_figures(capsys: pytest.CaptureFixture[str], tiny_folder: str) -> None:
-    lines = output(
-        capsys,
-        [
-            "bench",
-            "accuracy-holds",
-            "--epochs",
-            "1",
-            "--resize",
-            "32",
-            "--workers",
-            "0",
-            "--dataset",
-            tiny_folder,
-            "--tolerance",
-            "100",
-        ],
-    )
+    lines = output(capsys, _accuracy_holds_tiny(tiny_folder))
     assert lines[1] == "reference (chapter loop), 1 epoch(s), seed 0:"
     assert lines[-1].startswith("test accuracy: reference ") and "(within 100.0 points)" in lines[-1]
 

@@ -124,25 +124,10 @@ def _time_both_sides(
 ) -> tuple[dict[str, dict[str, Any]], float]:
     """:func:`interleaved` figures of the chapter's loop and resnetlab's, and the seconds resnetlab took to compile."""
     batch, steps, warmup = args.batch_size, args.steps, args.warmup
-    ref = ReferenceTrainer(
-        train,
-        model=args.model,
-        batch_size=batch,
-        resize=args.resize or None,
-        num_workers=args.workers,
-        seed=args.seed,
-        device=device,
-    )
+    both = dict(model=args.model, batch_size=batch, resize=args.resize or None, seed=args.seed, device=device)
+    ref = ReferenceTrainer(train, **both, num_workers=args.workers)
     ours = ResnetlabTrainer(
-        train,
-        model=args.model,
-        batch_size=batch,
-        resize=args.resize or None,
-        seed=args.seed,
-        device=device,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        precision=args.precision,
+        train, **both, channels_last=args.channels_last, compile=args.compile, precision=args.precision
     )
     t0 = time.perf_counter()
     if args.compile:
