@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 # Re-install when the project's metadata changes. The constraints file pins torch to the CPU wheel.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,onnx]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,onnx,notebook]'
 	touch $@
 
 install: $(STAMP)

@@ -261,6 +261,32 @@ CASES = {
     "sums negative": ("sgd", set_meta("sums", "count", value=-3), "sums.count is -3, not an integer >= 0", RESUME),
     "sums text": ("sgd", set_meta("sums", "loss", value="x"), "sums.loss is 'x', not a number >= 0", RESUME),
     "sums more correct": ("sgd", set_meta("sums", "correct", value=10**6), "do not fit position", RESUME),
+    "interval text": ("sgd", set_meta("interval", value=[1]), "interval is [1], not an object", RESUME),
+    "interval more correct": (
+        "sgd",
+        set_meta("interval", value={"loss": 1.0, "correct": 9, "count": 8}),
+        "do not fit position",
+        RESUME,
+    ),
+    "curve not a list": ("sgd", set_meta("curve", value={}), "curve is not a list of rows", RESUME),
+    "curve train_acc": (
+        "sgd",
+        set_meta(
+            "curve",
+            value=[{"epoch": 1, "step": 1, "epoch_fraction": 0.5, "train_loss": 1.0, "train_acc": 2.0, "lr": 0.1}],
+        ),
+        "curve[0].train_acc is 2.0, not a number in [0, 1]",
+        RESUME,
+    ),
+    "curve epoch ahead": (
+        "sgd",
+        set_meta(
+            "curve",
+            value=[{"epoch": 9, "step": 1, "epoch_fraction": 0.5, "train_loss": 1.0, "train_acc": 0.5, "lr": 0.1}],
+        ),
+        "curve[0].epoch is 9, past position",
+        RESUME,
+    ),
     "history test_acc": (
         "sgd",
         set_meta("history", 0, "test_acc", value="x"),

@@ -144,7 +144,7 @@ def test_sigkill_and_resume_is_bit_identical(precision: str, tmp_path: Path) -> 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    _wait_for_checkpoints(proc, killed / "last.safetensors", 5)  # mid-epoch 1 (8 steps per epoch)
+    _wait_for_checkpoints(proc, killed / "last.safetensors", 5)  # mid-epoch 1, between two rows of the curve
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     _, meta = read_checkpoint(killed)
@@ -162,8 +162,54 @@ def test_sigkill_and_resume_is_bit_identical(precision: str, tmp_path: Path) -> 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert [(r["train_loss"], r["test_acc"]) for r in rows] == [(r["train_loss"], r["test_acc"]) for r in ref_rows]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    timing = {"images_per_s", "compute_images_per_s", "seconds"}  # all else is exact: the curve's rows too
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == [
+        {k: v for k, v in r.items() if k not in timing} for r in ref_rows
+    ]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows without their timings (which differ from run to run)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "compute_images_per_s", "seconds")} for r in rows]
+
+
+def test_the_curve_has_ten_rows_per_epoch_and_a_resume_between_two_rows_keeps_them_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {**TINY, "subset": 320, "batch_size": 16}  # 20 steps per epoch: a row after every 2nd
+    reference = train("fast", out=tmp_path / "reference", **settings).run_dir
+    rows = _rows(reference)
+    assert [r["kind"] for r in rows] == (["step"] * 10 + ["epoch"]) * 2
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(2, 41, 2))  # global steps
+    assert [r["epoch_fraction"] for r in steps[:10]] == [k / 10 for k in range(1, 11)]
+    assert all(0 <= r["train_acc"] <= 1 and r["train_loss"] > 0 and "test_acc" not in r for r in steps)
+    epoch_rows = [r for r in rows if r["kind"] == "epoch"]
+    assert [r["epoch_fraction"] for r in epoch_rows] == [1.0, 1.0] and epoch_rows[-1]["test_acc"] is not None
+    # the epoch's training figures are those of its rows, pooled
+    assert epoch_rows[0]["train_acc"] == pytest.approx(sum(r["train_acc"] for r in steps[:10]) / 10)
+
+    real, calls = loop_module.train_inputs, {"n": 0}
+
+    def interrupted_at_step_25(*args):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 25:  # epoch 2, step 5: one step after its 2nd row
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets the flag; the step completes
+        return real(*args)
+
+    monkeypatch.setattr(loop_module, "train_inputs", interrupted_at_step_25)
+    out = tmp_path / "interrupted"
+    with pytest.raises(loop_module.TrainingInterrupted):
+        train("fast", out=out, **settings)
+    _, meta = read_checkpoint(out)
+    assert meta["position"] == {"epoch": 1, "step": 5} and meta["interval"]["count"] == 16  # step 5, not in a row
+    assert len(meta["curve"]) == 12
+    monkeypatch.setattr(loop_module, "train_inputs", real)
+    train(resume=out, progress=False)
+    assert _rows(out) == rows
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ def test_header_and_config_name_the_class_and_the_precision(run) -> None:
 def test_eval_reproduces_the_accuracy_the_run_printed_and_stored(run, capsys: pytest.CaptureFixture[str]) -> None:
     precision, result, stdout = run
     printed = next(line for line in stdout.splitlines() if line.startswith("loss "))
-    stored = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    stored = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]  # the epoch row
     assert main(["eval", str(result.run_dir), "--json"]) == 0
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]
     assert measured == stored == result.test_acc  # exactly: the last test pass ran in fp32, as eval does

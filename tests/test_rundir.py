@@ -25,8 +25,14 @@ def test_run_directory_contents(tiny_run) -> None:
     assert config["recipe"]["model"] == "resnet10" and config["seed"] == 0
     assert {"torch", "python", "device", "git_commit", "resnetlab"} <= set(config)
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert {"train_loss", "train_acc", "test_acc", "images_per_s", "seconds"} <= set(rows[0])
+    assert [(r["kind"], r["epoch"]) for r in rows] == [
+        (kind, e) for e in (1, 2, 3) for kind in ["step"] * 11 + ["epoch"]
+    ]
+    epoch_row = rows[11]  # 32 steps per epoch: a row after steps 3, 6, ..., 30 and 32
+    assert {"step", "epoch_fraction", "train_loss", "train_acc", "test_acc", "images_per_s", "seconds"} <= set(
+        epoch_row
+    )
+    assert (epoch_row["step"], epoch_row["epoch_fraction"]) == (32, 1.0)
     csv_lines = (d / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("epoch,train_loss,train_acc,test_acc") and len(csv_lines) == 4
     assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -122,7 +128,9 @@ def test_force_replaces_the_old_run(tiny_run, tmp_path: Path) -> None:
     (out / "model.onnx").write_bytes(b"the old run's export")  # was left, as if exported from the new run
     train("fast", out=out, force=True, **{**TINY, "subset": 64, "epochs": 1})
     assert sorted(p.name for p in out.iterdir()) == sorted(before)
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()] == ["step"] + [
+        "epoch"
+    ]
     assert (out / "last.safetensors").read_bytes() != before["last.safetensors"]
 
 

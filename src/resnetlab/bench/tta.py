@@ -47,6 +47,7 @@ def _epoch_record(run_dir: Path, epoch: int) -> tuple[float | None, float | None
     """
     try:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if r.get("kind") == "epoch"]  # not the curve's rows within epochs
         row = next(r for r in rows if r.get("epoch") == epoch)
         acc = None if row["test_acc"] is None else float(row["test_acc"])
         return acc, sum(float(r["seconds"]) for r in rows if r["epoch"] <= epoch)

@@ -120,15 +120,6 @@ def broadcast_buffers(net: nn.Module) -> None:
         td.broadcast(buf, src=0)
 
 
-def global_sums(sums: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The epoch's running sums over all ranks, as a checkpoint stores them (timings stay this rank's)."""
-    if not active():
-        return sums
-    t = all_reduce_sum(torch.tensor([sums["loss"], sums["correct"], sums["count"]], dtype=torch.float64, device=device))
-    loss, correct, count = t.tolist()
-    return {**sums, "loss": loss, "correct": int(correct), "count": int(count)}
-
-
 def share_of_sums(sums: dict[str, Any], ctx: DistContext) -> dict[str, Any]:
     """A resumed rank's part of a checkpoint's global sums: all of them on rank 0, none elsewhere."""
     return sums if ctx.is_main else {**sums, "loss": 0.0, "correct": 0, "count": 0}

@@ -29,12 +29,13 @@ from resnetlab.device import (
 from resnetlab.fileio import CHECKPOINT_NAME
 from resnetlab.train import dist, elastic
 from resnetlab.train.evaluate import accuracy, evaluate
+from resnetlab.train.live import live_curves
 from resnetlab.train.recipes import Recipe
 from resnetlab.train.request import Request, resolve_request
 from resnetlab.train.rundir import RunFiles, plot_confusion, prepare_run_dir, write_json
 from resnetlab.train.setup import Run, build_run
 from resnetlab.train.signals import TrainingInterrupted, stop_flag, stopped
-from resnetlab.train.state import EMPTY_SUMS, Checkpointer, EpochMeter, progress_bar
+from resnetlab.train.state import EMPTY_INTERVAL, EMPTY_SUMS, Checkpointer, EpochMeter, progress_bar
 from resnetlab.train.step import NonFiniteLoss, augment_generator, lr_factor, train_inputs, train_step
 
 __all__ = ["RunResult", "train"]
@@ -103,6 +104,7 @@ def train(
         elastic.check_world_size(request.resumed[1].get("world_size"), ctx.world_size, request.run_dir)
     run_dir = request.run_dir or _new_run_dir(request, ctx)
     run = build_run(request, ctx, resolve_precision(request.recipe.precision, ctx.device), init_from)
+    run.live = live_curves(run.title, ctx.is_main)  # None outside a notebook
     state = run.state
     dist.check_agree(
         (state.epoch, state.step, len(state.history)), "where the run stands (epoch, step, finished epochs)"
@@ -179,7 +181,7 @@ def announce(run: Run, request: Request, saver: Checkpointer) -> None:
 def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_every: int, show_bar: bool) -> None:
     """The epoch's steps from where the run stands.
 
-    Each step: lr, inputs, one :func:`train_step`, the meter, a checkpoint when due.
+    Each step: lr, inputs, one :func:`train_step`, the meter, a row of the curve and a checkpoint when due.
 
     Args:
         run: the built run; its state's (epoch, step) advance.
@@ -192,7 +194,7 @@ def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_ev
     run.model.train()
     size = recipe.train_size(state.epoch)  # the test size, or smaller in early epochs (progressive resizing)
     bar = progress_bar(run.steps_per_epoch, f"epoch {state.epoch + 1}/{recipe.epochs}", show_bar, state.step)
-    meter = EpochMeter(ctx.device)
+    meter = EpochMeter(ctx.device, state.interval)
     amp_dtype = autocast_dtype(run.precision)
     for step, (images, labels) in enumerate(run.train_loader.batches(state.epoch, state.step), start=state.step):
         global_step = state.epoch * run.steps_per_epoch + step
@@ -227,12 +229,15 @@ def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_ev
         meter.add(loss, logits, labels)
         elastic.record_step_loss(state.epoch, step, loss, len(labels))
         state.step = step + 1
+        if state.step % run.row_every == 0 or state.step == run.steps_per_epoch:
+            add_row(run, meter.take_interval(state.sums), saver, bar)
         if bar is not None:
-            meter.show(bar, state.sums, step, run.steps_per_epoch, ctx.world_size)
+            bar.update(1)
         if stop["interrupted"] or (checkpoint_every and (global_step + 1) % checkpoint_every == 0):
             if stop["interrupted"] and bar is not None:
                 bar.close()
-            meter.fold(state.sums)  # first: it waits for the queued steps
+            state.interval = meter.interval()  # first: it waits for the queued steps
+            meter.take_seconds(state.sums)
             saver.save()
             if stop["interrupted"]:
                 nproc = f" --nproc {ctx.world_size}" if ctx.world_size > 1 else ""
@@ -243,20 +248,37 @@ def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_ev
                 )
     if bar is not None:
         bar.close()
-    meter.fold(state.sums)
+    state.interval = dict(EMPTY_INTERVAL)  # the epoch's last step closed it
+    meter.take_seconds(state.sums)
+
+
+def add_row(run: Run, interval: dict[str, Any], saver: Checkpointer, bar: Any) -> None:
+    """Append the curve's row for the steps since the last one: training loss and accuracy over all ranks."""
+    state = run.state
+    row = {
+        "kind": "step",
+        "epoch": state.epoch + 1,
+        "step": state.epoch * run.steps_per_epoch + state.step,
+        "epoch_fraction": state.step / run.steps_per_epoch,
+        "train_loss": interval["loss"] / interval["count"],
+        "train_acc": interval["correct"] / interval["count"],
+        "lr": state.optimizer.param_groups[0]["lr"],
+    }
+    state.curve.append(row)
+    if bar is not None:
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}")
+    if run.live is not None:
+        run.live.update(state.curve, state.history)
 
 
 def end_epoch(run: Run, saver: Checkpointer, show_bar: bool) -> torch.Tensor | None:
-    """Reduce the epoch's metrics over all ranks, test when due, record the row, checkpoint, write the metrics.
+    """Test when due, record the epoch's row, checkpoint, write the metrics.
 
     Test accuracy is measured in eval mode on the whole test split, every ``eval_every``-th epoch and
     after the last (None in the other rows). Returns the confusion matrix, if tested.
     """
     recipe, state, ctx = run.recipe, run.state, run.ctx
-    sums = state.sums
-    totals = dist.all_reduce_sum(
-        torch.tensor([sums["loss"], sums["correct"], sums["count"]], dtype=torch.float64, device=ctx.device)
-    ).tolist()
+    sums = state.sums  # loss, correct and count over all ranks already (the curve's rows added them up)
     dist.broadcast_buffers(state.net)  # every rank evaluates rank 0's BatchNorm statistics, as checkpointed
     confusion, test_acc = None, None
     final = state.epoch + 1 == recipe.epochs
@@ -264,12 +286,15 @@ def end_epoch(run: Run, saver: Checkpointer, show_bar: bool) -> torch.Tensor | N
         confusion = test(run, final)
         test_acc = accuracy(confusion)
     row = {
+        "kind": "epoch",
         "epoch": state.epoch + 1,
-        "train_loss": totals[0] / totals[2],
-        "train_acc": totals[1] / totals[2],
+        "step": (state.epoch + 1) * run.steps_per_epoch,
+        "epoch_fraction": 1.0,
+        "train_loss": sums["loss"] / sums["count"],
+        "train_acc": sums["correct"] / sums["count"],
         "test_acc": test_acc,
-        "images_per_s": totals[2] / max(sums["seconds"], 1e-9),
-        "compute_images_per_s": totals[2] / max(sums["compute_seconds"], 1e-9),
+        "images_per_s": sums["count"] / max(sums["seconds"], 1e-9),
+        "compute_images_per_s": sums["count"] / max(sums["compute_seconds"], 1e-9),
         "seconds": sums["seconds"],
         "lr": state.optimizer.param_groups[0]["lr"],
     }
@@ -278,6 +303,8 @@ def end_epoch(run: Run, saver: Checkpointer, show_bar: bool) -> torch.Tensor | N
     saver.save()
     if ctx.is_main:
         saver.write_history(run.title)
+        if run.live is not None:
+            run.live.update(state.curve, state.history)
         if not show_bar:
             tested = f"test acc {test_acc:.3f}" if test_acc is not None else "test acc not measured (--eval-every)"
             print(

@@ -31,7 +31,7 @@ from resnetlab.fileio import CHECKPOINT_NAME, PREVIOUS_RUN
 from resnetlab.train import elastic
 from resnetlab.train.recipes import Recipe, get_recipe, recipe_as_trained
 from resnetlab.train.rundir import check_not_in_use, checkpoint_stamp, prepare_run_dir
-from resnetlab.train.state import EMPTY_SUMS
+from resnetlab.train.state import EMPTY_INTERVAL, EMPTY_SUMS
 from resnetlab.train.step import make_optimizer
 
 __all__ = ["Request", "check_train_request", "resolve_request", "corrupt_resume"]
@@ -44,6 +44,16 @@ _POSITIVE = math.ulp(0.0)  # > 0: the run's closing figures divide by these
 _POSITION_RANGES = {"epoch": (0, math.inf, True), "step": (0, math.inf, True)}
 
 _SUMS_RANGES = {k: (0.0, math.inf, isinstance(v, int)) for k, v in EMPTY_SUMS.items()}
+_INTERVAL_RANGES = {k: (0.0, math.inf, isinstance(v, int)) for k, v in EMPTY_INTERVAL.items()}
+
+_CURVE_RANGES = {
+    "epoch": (1, math.inf, True),
+    "step": (1, math.inf, True),
+    "epoch_fraction": (_POSITIVE, 1.0, False),
+    "train_loss": (0.0, math.inf, False),
+    "train_acc": (0.0, 1.0, False),
+    "lr": (0.0, math.inf, False),
+}  # loop.add_row's, each
 
 _HISTORY_RANGES = {
     "epoch": (1, math.inf, True),
@@ -187,9 +197,12 @@ def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: 
     except UsageError as err:
         raise corrupt(f"recipe: {err}") from None
     position, history, sums, scaler = meta["position"], meta["history"], meta["sums"], meta.get("scaler")
+    # checkpoints from before the curve had rows have neither
+    interval, curve = meta.get("interval", dict(EMPTY_INTERVAL)), meta.get("curve", [])
     wrong = (
         _wrong_numbers(position, _POSITION_RANGES, "position")
         or _wrong_numbers(sums, _SUMS_RANGES, "sums")
+        or _wrong_numbers(interval, _INTERVAL_RANGES, "interval")
         or (_wrong_numbers(scaler, _SCALER_RANGES, "scaler") if scaler is not None else None)
     )
     if wrong:
@@ -197,8 +210,19 @@ def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: 
     if position["epoch"] > recipe.epochs:
         raise corrupt(f"position.epoch is {position['epoch']}, past the recipe's {recipe.epochs} epochs")
     # mid-epoch, and only then, images were counted
-    if sums["correct"] > sums["count"] or (position["step"] > 0) != (sums["count"] > 0):
-        raise corrupt(f"sums {sums} do not fit position {position}")
+    counted = sums["count"] + interval["count"]
+    if (
+        sums["correct"] > sums["count"]
+        or interval["correct"] > interval["count"]
+        or (position["step"] > 0) != (counted > 0)
+    ):
+        raise corrupt(f"sums {sums} and interval {interval} do not fit position {position}")
+    if not isinstance(curve, list):
+        raise corrupt("curve is not a list of rows")
+    for i, row in enumerate(curve):
+        wrong = _wrong_numbers(row, _CURVE_RANGES, f"curve[{i}]")
+        if wrong or row["epoch"] > position["epoch"] + 1:
+            raise corrupt(wrong or f"curve[{i}].epoch is {row['epoch']}, past position {position}")
     if not (isinstance(history, list) and len(history) == position["epoch"]):
         raise corrupt(f"history is not a list of the {position['epoch']} finished epochs")
     for i, row in enumerate(history):

@@ -442,8 +442,20 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history).encode())
+def metric_rows(curve: list[dict[str, Any]], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row of a run in order: each epoch's curve rows (``kind`` ``"step"``), then its own row (``"epoch"``)."""
+    rows: list[dict[str, Any]] = []
+    for epoch_row in history:
+        rows.extend(r for r in curve if r["epoch"] == epoch_row["epoch"])
+        rows.append(epoch_row)
+    rows.extend(r for r in curve if r["epoch"] > len(history))  # the epoch under way
+    return rows
+
+
+def write_metrics(run_dir: Path, curve: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl: every row, the curve's and the epochs'; metrics.csv: one row per finished epoch."""
+    rows = metric_rows(curve, history)
+    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
     writer.writeheader()
@@ -457,17 +469,27 @@ def _figure_bytes(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
-    """Train loss, train acc and test acc against epochs, like the chapter's figure."""
+def curves_png(curve: list[dict[str, Any]], history: list[dict[str, Any]], title: str) -> bytes:
+    """The chapter's figure as PNG bytes: training loss and accuracy against epochs (the curve's rows, at least
+    10 per epoch), test accuracy at the epoch ends that were tested.
+
+    An epoch without curve rows (a run from before they existed) is drawn from its epoch row.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display is needed, even on a desktop
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
+    points = []  # (epochs done, train loss, train acc)
+    epochs_with_rows = {r["epoch"] for r in curve}
+    for row in metric_rows(curve, history):
+        if row.get("kind", "epoch") == "step":
+            points.append((row["epoch"] - 1 + row["epoch_fraction"], row["train_loss"], row["train_acc"]))
+        elif row["epoch"] not in epochs_with_rows:
+            points.append((row["epoch"], row["train_loss"], row["train_acc"]))
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(epochs, [r["train_loss"] for r in history], "-", label="train loss")
-    ax.plot(epochs, [r["train_acc"] for r in history], "m--", label="train acc")
+    ax.plot([p[0] for p in points], [p[1] for p in points], "-", label="train loss")
+    ax.plot([p[0] for p in points], [p[2] for p in points], "m--", label="train acc")
     tested = [r for r in history if r["test_acc"] is not None]  # --eval-every skips some epochs
     ax.plot(
         [r["epoch"] for r in tested],
@@ -477,12 +499,19 @@ def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
         label="test acc",
     )
     ax.set_xlabel("epoch")
-    ax.set_xlim(0.5 if len(epochs) < 2 else 1, max(epochs[-1], 1))
+    last = max([p[0] for p in points] + [r["epoch"] for r in history] + [1])
+    ax.set_xlim(0 if curve else 0.5 if len(history) < 2 else 1, max(last, 1))
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=9)
-    atomic_write_bytes(path, _figure_bytes(fig))
+    png = _figure_bytes(fig)
     plt.close(fig)
+    return png
+
+
+def plot_curves(path: Path, curve: list[dict[str, Any]], history: list[dict[str, Any]], title: str) -> None:
+    """Write :func:`curves_png` to ``path`` (curves.png)."""
+    atomic_write_bytes(path, curves_png(curve, history, title))
 
 
 def plot_confusion(path: Path, confusion: torch.Tensor, classes: list[str], title: str) -> None:

@@ -19,11 +19,12 @@ from resnetlab.models import check_input_size, create_model
 from resnetlab.train import dist
 from resnetlab.train.evaluate import require_test_images
 from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe
-from resnetlab.train.state import TrainState
+from resnetlab.train.state import ROWS_PER_EPOCH, TrainState
 from resnetlab.train.step import make_optimizer, xavier_init
 from resnetlab.train.syncbn import convert_sync_batchnorm
 
 if TYPE_CHECKING:
+    from resnetlab.train.live import LiveCurves
     from resnetlab.train.request import Request
 
 __all__ = ["Run", "build_run", "channel_stats", "check_train_size", "seeded_subset"]
@@ -123,6 +124,7 @@ class Run:
         model: the network as trained (DDP- and compile-wrapped where asked).
         classifier: the network with its preprocessing, as evaluated.
         loss_fn: the loss; lr: the peak learning rate applied (scaled by the world size where asked).
+        live: the curves drawn live in a notebook (:mod:`resnetlab.train.live`), or None.
     """
 
     recipe: Recipe
@@ -138,6 +140,7 @@ class Run:
     classifier: Classifier
     loss_fn: nn.Module
     lr: float
+    live: LiveCurves | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -146,6 +149,11 @@ class Run:
     @property
     def total_steps(self) -> int:
         return self.recipe.epochs * self.steps_per_epoch
+
+    @property
+    def row_every(self) -> int:
+        """Steps between two rows of the curve, so an epoch has at least :data:`ROWS_PER_EPOCH` (or one per step)."""
+        return max(1, self.steps_per_epoch // ROWS_PER_EPOCH)
 
     @property
     def title(self) -> str:

@@ -1,9 +1,10 @@
 """What a run carries from step to step and what a checkpoint saves of it.
 
 :class:`TrainState` owns what a resume restores (network, optimizer, scaler, normalisation,
-position, the epoch's running sums, the finished epochs); :class:`EpochMeter` the sums of the
-steps since the last fold; :class:`Checkpointer` the rules of writing it (rank 0 writes, every
-rank waits; a run stopped before its first checkpoint while an old run waits aside gives it back).
+position, the epoch's running sums, the curve's rows, the finished epochs); :class:`EpochMeter`
+the sums of the steps since the curve's last row; :class:`Checkpointer` the rules of writing it
+(rank 0 writes, every rank waits; a run stopped before its first checkpoint while an old run waits
+aside gives it back).
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from resnetlab.train.rundir import RunFiles, plot_curves, write_metrics
 from resnetlab.train.signals import TrainingInterrupted, stopped
 from resnetlab.train.step import NonFiniteLoss, StepClock
 
-__all__ = ["EMPTY_SUMS", "EpochMeter", "TrainState", "Checkpointer", "progress_bar"]
+__all__ = ["EMPTY_INTERVAL", "EMPTY_SUMS", "ROWS_PER_EPOCH", "EpochMeter", "TrainState", "Checkpointer", "progress_bar"]
 
-# An epoch's running sums (a checkpoint saves them mid-epoch).
+# An epoch's running sums (a checkpoint saves them mid-epoch): loss, correct and count over all ranks, up to
+# the curve's last row; the seconds are this rank's.
 EMPTY_SUMS = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "compute_seconds": 0.0}
+# The steps since the curve's last row, over all ranks (a checkpoint between two rows saves them).
+EMPTY_INTERVAL = {"loss": 0.0, "correct": 0, "count": 0}
+# The curve: a row of training loss and accuracy after every ceil(steps / ROWS_PER_EPOCH)-th step of an
+# epoch and after its last, so at least this many rows per epoch (the chapter's Animator draws 5).
+ROWS_PER_EPOCH = 10
 
 
 @dataclass
@@ -40,7 +47,10 @@ class TrainState:
         optimizer: its optimizer; scaler: fp16's loss scaler.
         preprocess: the normalisation (a resumed run keeps its saved mean and std).
         epoch, step: where the run stands (the next step to take).
-        sums: the current epoch's running sums (:data:`EMPTY_SUMS`), this rank's share.
+        sums: the current epoch's running sums (:data:`EMPTY_SUMS`) up to the curve's last row.
+        interval: the steps since the curve's last row, as a checkpoint saved them (:data:`EMPTY_INTERVAL`);
+            this rank's share once restored.
+        curve: the curve's rows so far (``kind`` ``"step"``), every epoch's.
         history: the finished epochs' metrics rows.
     """
 
@@ -51,6 +61,8 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     sums: dict[str, Any] = field(default_factory=lambda: dict(EMPTY_SUMS))
+    interval: dict[str, Any] = field(default_factory=lambda: dict(EMPTY_INTERVAL))
+    curve: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -90,17 +102,26 @@ class TrainState:
         if device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         self.epoch, self.step = meta["position"]["epoch"], meta["position"]["step"]
-        self.sums, self.history = dist.share_of_sums(meta["sums"], ctx), meta["history"]
+        self.sums, self.history = dict(meta["sums"]), meta["history"]
+        self.curve = list(meta.get("curve", []))  # none in checkpoints written before the curve had rows
+        self.interval = dist.share_of_sums(meta.get("interval", dict(EMPTY_INTERVAL)), ctx)
 
 
 class EpochMeter:
-    """Loss, correct predictions, images and seconds of the steps since the last :meth:`fold`, on the device
-    (no host sync per step)."""
+    """Loss, correct predictions and images of the steps since the curve's last row, on the device (no host sync
+    per step), and the seconds since the last :meth:`take_seconds`.
 
-    def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=device, dtype=torch.int64)
-        self.count = 0
+    Args:
+        device: where the steps run.
+        interval: where to start from (a resumed run's saved :attr:`TrainState.interval`): a step's loss is added
+            to the same float64 sum whether or not the run was stopped and resumed between two rows, so the rows
+            of a resumed run are those of the uninterrupted one.
+    """
+
+    def __init__(self, device: torch.device, interval: dict[str, Any]) -> None:
+        self.loss = torch.tensor(float(interval["loss"]), device=device, dtype=torch.float64)
+        self.correct = torch.tensor(int(interval["correct"]), device=device, dtype=torch.int64)
+        self.count = int(interval["count"])
         self.clock = StepClock(device)
         self.started = time.perf_counter()
 
@@ -109,28 +130,34 @@ class EpochMeter:
         self.correct += (logits.argmax(dim=1) == labels).sum()
         self.count += len(labels)
 
-    def show(self, bar: Any, sums: dict[str, Any], step: int, steps: int, world_size: int) -> None:
-        """Advance a progress bar by one step; every 10th step (a host sync) also show the running figures."""
-        if step % 10 == 0 or step == steps - 1:
-            done = sums["count"] + self.count
-            elapsed = sums["seconds"] + time.perf_counter() - self.started
-            bar.set_postfix(
-                loss=f"{(sums['loss'] + self.loss.item()) / done:.3f}",
-                acc=f"{(sums['correct'] + self.correct.item()) / done:.3f}",
-                img_s=f"{done * world_size / max(elapsed, 1e-9):.0f}",
+    def interval(self) -> dict[str, Any]:
+        """The sums since the last row over all ranks (waits for the queued steps; a collective under torchrun)."""
+        total = dist.all_reduce_sum(
+            torch.stack(
+                [
+                    self.loss,
+                    self.correct.double(),
+                    torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device),
+                ]
             )
-        bar.update(1)
+        ).tolist()
+        return {"loss": total[0], "correct": int(total[1]), "count": int(total[2])}
 
-    def fold(self, sums: dict[str, Any]) -> None:
-        """Add what was measured to the epoch's ``sums`` and start again (waits for queued steps)."""
-        compute = self.clock.take()
-        sums["loss"] += self.loss.item()
-        sums["correct"] += int(self.correct.item())
-        sums["count"] += self.count
-        sums["seconds"] += time.perf_counter() - self.started
-        sums["compute_seconds"] += compute
+    def take_interval(self, sums: dict[str, Any]) -> dict[str, Any]:
+        """Close the interval: its sums over all ranks, added to the epoch's ``sums`` too; start the next at zero."""
+        interval = self.interval()
+        for key in EMPTY_INTERVAL:
+            sums[key] += interval[key]
         self.loss.zero_(), self.correct.zero_()
-        self.count, self.started = 0, time.perf_counter()
+        self.count = 0
+        return interval
+
+    def take_seconds(self, sums: dict[str, Any]) -> None:
+        """Add the seconds since the last take to ``sums`` (waits for the queued steps)."""
+        sums["compute_seconds"] += self.clock.take()
+        now = time.perf_counter()
+        sums["seconds"] += now - self.started
+        self.started = now
 
 
 class Checkpointer:
@@ -164,7 +191,6 @@ class Checkpointer:
             raise NonFiniteLoss(
                 f"weights became non-finite at epoch {state.epoch + 1}, step {state.step}; checkpoint not written"
             )
-        saved_sums = dist.global_sums(state.sums, self.ctx.device)  # the epoch so far over all ranks
         if self.ctx.is_main:
             save_checkpoint(
                 self.run_dir / CHECKPOINT_NAME,
@@ -172,7 +198,9 @@ class Checkpointer:
                 {
                     **self.static,
                     "position": {"epoch": state.epoch, "step": state.step},
-                    "sums": saved_sums,
+                    "sums": state.sums,
+                    "interval": state.interval,
+                    "curve": state.curve,
                     "history": state.history,
                     "optimizer": state.optimizer_groups(),
                     "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
@@ -182,10 +210,10 @@ class Checkpointer:
         dist.barrier()
 
     def write_history(self, title: str) -> None:
-        """metrics.jsonl/.csv and curves.png from the finished epochs (rank 0)."""
-        write_metrics(self.run_dir, self.state.history)
+        """metrics.jsonl/.csv and curves.png from the curve's rows and the finished epochs (rank 0)."""
+        write_metrics(self.run_dir, self.state.curve, self.state.history)
         if self.state.history:
-            plot_curves(self.run_dir / "curves.png", self.state.history, title)
+            plot_curves(self.run_dir / "curves.png", self.state.curve, self.state.history, title)
 
 
 def progress_bar(total: int, desc: str, enabled: bool, done: int) -> Any:
