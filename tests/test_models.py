@@ -21,6 +21,7 @@ from resnetlab.models import (
     count_macs,
     count_parameters,
     create_model,
+    fold_batchnorm,
     layer_shapes,
     list_models,
     min_input_size,
@@ -529,3 +530,22 @@ def test_count_parameters_trainable_only():
     total = count_parameters(model)
     model.fc.weight.requires_grad_(False)
     assert count_parameters(model, trainable_only=True) == total - model.fc.weight.numel()
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_batchnorm_folds_for_evaluation_with_the_same_logits(name):
+    net = create_model(name, stem="small").eval()
+    for module in net.modules():  # statistics away from the defaults (mean 0, var 1), as after training
+        if isinstance(module, nn.BatchNorm2d):
+            (
+                module.running_mean.uniform_(-0.5, 0.5),
+                module.running_var.uniform_(0.5, 2),
+                module.weight.data.uniform_(0.5, 2),
+            )
+    folded = fold_batchnorm(net)
+    convs = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) < convs  # some folded (preact: the rest)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
+    assert all(m.training is False for m in folded.modules()) and net(x).shape == (2, 10)

@@ -15,6 +15,7 @@ from torch import nn
 
 from resnetlab.checkpoint import load_weights, prefixed, read_checkpoint
 from resnetlab.device import autocast_dtype
+from resnetlab.models import fold_batchnorm
 
 __all__ = ["Classifier", "load_checkpoint"]
 
@@ -51,6 +52,19 @@ class Classifier(nn.Module):
         self.precision = precision
         self.input_shape = tuple(input_shape) if input_shape else None
         self.channels_last = channels_last
+
+    def folded(self) -> "Classifier":
+        """An eval-mode copy with BatchNorm folded into the convolutions (:func:`resnetlab.models.fold_batchnorm`):
+        the same predictions up to rounding, in fewer kernels. Every accuracy is measured on it."""
+        return Classifier(
+            fold_batchnorm(self.net),
+            self.preprocess,
+            self.classes,
+            tta=self.tta,
+            precision=self.precision,
+            input_shape=self.input_shape,
+            channels_last=self.channels_last,
+        ).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(x)

@@ -27,7 +27,6 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from resnetlab.bench import check_batch_fits
 from resnetlab.bench.machine import cpu_line, num_threads, peaks, round_robin
@@ -36,17 +35,7 @@ from resnetlab.data import Preprocess, Split, load_dataset, to_float
 from resnetlab.device import environment
 from resnetlab.errors import UsageError
 from resnetlab.inference import Classifier
-from resnetlab.models import count_macs, create_model
-
-
-def fold_batchnorm(net: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``net`` with each Conv2d -> BatchNorm2d pair folded into one Conv2d."""
-    import copy
-
-    from torch.fx.experimental.optimization import fuse
-
-    return fuse(copy.deepcopy(net).eval(), inplace=True)
-
+from resnetlab.models import count_macs, create_model, fold_batchnorm
 
 Variant = Callable[[torch.Tensor], torch.Tensor]  # uint8 test images -> logits
 

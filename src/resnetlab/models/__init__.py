@@ -16,6 +16,7 @@ from resnetlab.models.blocks import (
     Residual,
     resnet_block,
 )
+from resnetlab.models.fold import fold_batchnorm
 from resnetlab.models.registry import MODELS, ModelConfig, create_model, list_models
 from resnetlab.models.resnet import ResNet, d2l_resnet
 from resnetlab.models.summary import (
@@ -36,6 +37,7 @@ __all__ = [
     "ResNet",
     "d2l_resnet",
     "create_model",
+    "fold_batchnorm",
     "list_models",
     "MODELS",
     "ModelConfig",

@@ -23,16 +23,15 @@ def require_test_images(test: Split, dataset: str) -> None:
 
 @torch.no_grad()
 def evaluate(classifier: Classifier, loader: BatchLoader, num_classes: int) -> torch.Tensor:
-    """Confusion matrix (true x predicted, int64 on CPU) of ``classifier`` over ``loader``, all ranks."""
-    was_training = classifier.training
-    classifier.eval()
+    """Confusion matrix (true x predicted, int64 on CPU) of ``classifier`` over ``loader``, all ranks, in eval mode
+    with BatchNorm folded (:meth:`Classifier.folded`)."""
+    scorer = classifier.folded()  # a copy: training goes on with the BatchNorm layers
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=loader.device)
     for images, labels in loader.batches(0):
-        pred = classifier(to_float(images)).argmax(dim=1)
+        pred = scorer(to_float(images)).argmax(dim=1)
         cell = labels * num_classes + pred
         confusion.scatter_add_(0, cell, torch.ones_like(cell))  # not bincount: on CUDA it waits for the GPU
     confusion = dist.all_reduce_sum(confusion)
-    classifier.train(was_training)
     return confusion.view(num_classes, num_classes).cpu()
 
 
