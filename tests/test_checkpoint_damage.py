@@ -370,6 +370,19 @@ def test_an_undamaged_checkpoint_rewritten_by_safetensors_still_resumes_and_eval
     assert _read(run / CHECKPOINT_NAME)[1]["position"] == {"epoch": 2, "step": 0}
 
 
+@pytest.mark.parametrize("which", ["sgd", "adamw"])
+def test_a_checkpoint_of_the_foreach_optimizer_resumes_fused(
+    which: str, runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def foreach(tensors: dict, meta: dict) -> None:  # as written before the optimizers were fused
+        for group in meta["optimizer"]:
+            group.update(foreach=True, fused=None)
+
+    run = _damaged(runs[which], tmp_path, foreach)
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+    assert all(g["fused"] is True and g["foreach"] is None for g in _read(run / CHECKPOINT_NAME)[1]["optimizer"])
+
+
 def test_an_optimizer_that_never_stepped_may_have_no_state(runs: dict[str, Path], tmp_path: Path) -> None:
     # an fp16 run's GradScaler skips the steps whose gradients overflowed: its first checkpoints may hold no
     # optimizer state; every other checkpoint holds it whole (deleting it all is refused, above)

@@ -47,6 +47,8 @@ _META_KEYS = (
 # torch.cuda.get_rng_state(): a Philox seed and offset of 8 bytes each (CUDAGeneratorImpl::get_state); the CPU's
 # length is asked of torch.get_rng_state() itself
 CUDA_RNG_BYTES = 16
+# how torch runs an optimizer's update, not what it computes: a resume builds its own
+OPTIMIZER_KERNEL_FLAGS = ("foreach", "fused")
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # what a stored tensor must be: its dtype and shape
 
 
@@ -257,6 +259,8 @@ def wrong_optimizer_groups(saved: Any, optimizer: torch.optim.Optimizer) -> str 
 
     for i, (group, like) in enumerate(zip(saved, ours)):
         for key in {**like, **group}:
+            if key in OPTIMIZER_KERNEL_FLAGS and (group.get(key) is None or isinstance(group.get(key), bool)):
+                continue  # a resume keeps its own (TrainState.restore)
             needed = isinstance(like.get(key), (numbers.Real, list, tuple)) and not isinstance(like.get(key), bool)
             if key not in like or (key in group and not fits(group[key], like[key])) or (needed and key not in group):
                 shown = repr(group[key])[:60] if key in group else "missing"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab.checkpoint import load_weights, prefixed, save_checkpoint
+from resnetlab.checkpoint import OPTIMIZER_KERNEL_FLAGS, load_weights, prefixed, save_checkpoint
 from resnetlab.data import Preprocess
 from resnetlab.fileio import CHECKPOINT_NAME
 from resnetlab.train import dist
@@ -94,7 +94,8 @@ class TrainState:
             state.setdefault(int(index), {})[name] = value.to(device)
         groups = self.optimizer.state_dict()["param_groups"]
         for group, saved in zip(groups, meta["optimizer"]):
-            group.update(saved)
+            # the settings, not how this version runs them: older checkpoints say foreach, not fused
+            group.update({k: v for k, v in saved.items() if k not in OPTIMIZER_KERNEL_FLAGS})
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
