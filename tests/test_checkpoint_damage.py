@@ -166,6 +166,7 @@ CASES = {
         "bn1.num_batches_tracked is float32 in the file, int64 in the model",
         ALL,
     ),
+    "tta_translate": ("sgd", set_meta("tta_translate", value=99), "tta_translate is 99, not an integer in [0, 8]", ALL),
     # the recipe, through Recipe's own checks: a TypeError traceback before
     "recipe lr": ("sgd", set_meta("recipe", "lr", value="fast"), "recipe: lr must be a number, not 'fast'", RESUME),
     "recipe nesterov": (

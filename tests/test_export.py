@@ -54,6 +54,7 @@ def run_dir(tmp_path_factory) -> Path:
             width=8,
             resize=16,
             tta=True,
+            tta_translate=1,
             device="cpu",
             precision="fp32",
             progress=False,
@@ -102,7 +103,8 @@ def test_onnxruntime_matches_torch_on_real_images_with_dynamic_batch(exported, r
     assert isinstance(model.session.get_inputs()[0].shape[0], str)  # symbolic batch dimension
     assert model.input_name == "images" and model.output_name == "logits"
     classifier = _torch_classifier(run_dir)
-    assert classifier.tta and classifier.preprocess.size == 16  # TTA and an antialiased resize are in the graph
+    assert classifier.tta and classifier.tta_translate == 1 and classifier.preprocess.size == 16  # in the graph:
+    # flip and translation TTA, an antialiased resize
     for n in (1, 7):
         x = fashion_test_images[:n]
         got = model.logits(x)

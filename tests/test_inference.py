@@ -40,3 +40,21 @@ def test_predict_png_jpeg_and_bad_file(tiny_run, tmp_path: Path, capsys: pytest.
     assert [r["image"] for r in results] == [str(png), str(bad), str(jpg)]
     assert len(results[0]["top"]) == 2 and "error" in results[1]
     assert abs(sum(t["probability"] for t in results[2]["top"])) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_translation_tta_averages_the_image_and_its_two_shifts_with_black_borders(channels_last: bool) -> None:
+    from torch import nn
+
+    from resnetlab.data import Preprocess
+    from resnetlab.inference import Classifier
+
+    x = torch.rand(2, 1, 4, 4)
+    pre = Preprocess(None, mean=0.5, std=0.25)  # black (0) is -2 once normalised
+    classifier = Classifier(nn.Flatten(), pre, ["a"], tta_translate=1, channels_last=channels_last)
+    black = torch.zeros(2, 1, 6, 6)
+    black[..., 1:5, 1:5] = x  # the image with a black border of 1 pixel: each shift a 4x4 window of it
+    shifted = [black[..., :4, :4], black[..., 2:, 2:]]
+    want = (pre(x) / 2 + (pre(shifted[0]) + pre(shifted[1])) / 4).flatten(1)
+    torch.testing.assert_close(classifier(x), want)
+    assert Classifier(nn.Flatten(), pre, ["a"])(x).equal(pre(x).flatten(1))  # no shifts: the image alone

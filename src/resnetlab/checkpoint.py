@@ -49,6 +49,8 @@ _META_KEYS = (
 CUDA_RNG_BYTES = 16
 # how torch runs an optimizer's update, not what it computes: a resume builds its own
 OPTIMIZER_KERNEL_FLAGS = ("foreach", "fused")
+# the largest test-time shift (Recipe.tta_translate): a few pixels, as the training crops move an image
+MAX_TTA_TRANSLATE = 8
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # what a stored tensor must be: its dtype and shape
 
 
@@ -305,6 +307,9 @@ def _wrong_meta(meta: dict[str, Any]) -> str | None:
     for key in ("tta", "channels_last"):
         if not isinstance(meta.get(key, False), bool):
             return f"{key} is {meta[key]!r}, not true or false"
+    shift = meta.get("tta_translate", 0)  # none in checkpoints from before translations
+    if not (isinstance(shift, int) and not isinstance(shift, bool) and 0 <= shift <= MAX_TTA_TRANSLATE):
+        return f"tta_translate is {shift!r}, not an integer in [0, {MAX_TTA_TRANSLATE}] pixels"
     for key in ("train_precision", "eval_precision"):  # eval_precision: its name in earlier checkpoints
         if meta.get(key, "fp32") not in ("fp32", "bf16", "fp16"):
             return f"{key} is {meta[key]!r}, not fp32, bf16 or fp16"

@@ -197,6 +197,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="test-set accuracy after every N-th epoch and after the last (0: after the last only)",
     )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
+    p.add_argument(
+        "--tta-translate",
+        type=int,
+        metavar="PX",
+        help="test-time augmentation with the image shifted by PX pixels too (for models trained with crops)",
+    )
     p.add_argument("--data-root", help="look for datasets here first")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")

@@ -113,6 +113,7 @@ def _metadata(classifier: Any) -> dict[str, str]:
         "dataset": str(meta.get("dataset", "")),
         "preprocessing": json.dumps(classifier.preprocess.config() if hasattr(classifier.preprocess, "config") else {}),
         "tta": json.dumps(bool(classifier.tta)),
+        "tta_translate": json.dumps(int(classifier.tta_translate)),
         "input": f"{INPUT_NAME}: float32 N x {'x'.join(map(str, classifier.input_shape))} in [0, 1]",
         "output": f"{OUTPUT_NAME}: float32 N x {len(classifier.classes)}",
         "producer": f"resnetlab {__version__}",

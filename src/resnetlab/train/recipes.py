@@ -13,6 +13,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from resnetlab.checkpoint import MAX_TTA_TRANSLATE
 from resnetlab.errors import UsageError
 
 AUGMENTS = ("flip", "crop", "erase")
@@ -70,6 +71,8 @@ class Recipe:
         stem: ``imagenet`` or ``small`` (None = the model's default).
         zero_init_residual: zero the last BN of every residual branch.
         tta: average the logits of each test image and its mirror image.
+        tta_translate: also average the logits of the test image shifted by this many pixels up-left and
+            down-right (weights 1/2, 1/4, 1/4, as airbench), for models trained with crops; 0: none.
         eval_batch_size: batch size for test-set evaluation.
         eval_every: evaluate on the test split after every N-th epoch, and always after the last
             (0: after the last only; Keras's ``validation_freq``, Lightning's ``check_val_every_n_epoch``).
@@ -106,6 +109,7 @@ class Recipe:
     stem: str | None = None
     zero_init_residual: bool = False
     tta: bool = False
+    tta_translate: int = 0
     eval_batch_size: int = (
         256  # not 1000: x1.6 faster test passes at 28 px on a 2-core CPU (`resnetlab bench eval-batch`)
     )
@@ -192,6 +196,10 @@ class Recipe:
             (self.subset >= 0, f"subset must be >= 0 (0 = the whole split), not {self.subset}"),
             (self.width is None or 1 <= self.width <= MAX_SIZE, f"width must be in [1, 2**31 - 1], not {self.width}"),
             (0 <= self.crop_padding <= MAX_SIZE, f"crop padding must be in [0, 2**31 - 1], not {self.crop_padding}"),
+            (
+                0 <= self.tta_translate <= MAX_TTA_TRANSLATE,
+                f"tta translate must be in [0, {MAX_TTA_TRANSLATE}] pixels, not {self.tta_translate}",
+            ),
             (self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}; use sgd or adamw"),
             # measured with torch 2.13.0 on the AVX2 CPU: fewer than 8 channels in channels_last corrupt memory in a
             # CPU training step (double free, segfault with 1 thread; a hang in backward with 2), e.g. --width 4

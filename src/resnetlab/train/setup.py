@@ -173,6 +173,7 @@ class Run:
             "input_shape": list(self.input_shape),
             "preprocessing": self.state.preprocess.config(),
             "tta": recipe.tta,
+            "tta_translate": recipe.tta_translate,
             "train_precision": self.precision,  # provenance: inference computes in fp32 unless asked otherwise
             "channels_last": recipe.channels_last,
             "eval_batch_size": recipe.eval_batch_size,
@@ -282,6 +283,7 @@ def build_run(request: Request, ctx: dist.DistContext, precision: str, init_from
         preprocess,
         train_split.classes,
         tta=recipe.tta,
+        tta_translate=recipe.tta_translate,
         precision=precision,
         input_shape=(c, h, w),
         channels_last=recipe.channels_last,
