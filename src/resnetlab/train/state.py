@@ -88,9 +88,15 @@ class TrainState:
         load_weights(self.net, prefixed(tensors, "model."), "checkpoint weights do not fit the model")
         self.preprocess.mean.copy_(torch.tensor(meta["preprocessing"]["mean"]).view_as(self.preprocess.mean))
         self.preprocess.std.copy_(torch.tensor(meta["preprocessing"]["std"]).view_as(self.preprocess.std))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # the state dict's indices
         state: dict[int, dict[str, Any]] = {}
         for key, value in prefixed(tensors, "optim.").items():
             index, name = key.split(".", 1)
+            param = params[int(index)]
+            if value.shape == param.shape:
+                # a file holds contiguous tensors; the fused CPU kernels read every tensor of a parameter in the
+                # parameter's memory order without checking strides (channels_last: a wrong update, silently)
+                value = torch.empty_like(param, dtype=value.dtype).copy_(value)
             state.setdefault(int(index), {})[name] = value.to(device)
         groups = self.optimizer.state_dict()["param_groups"]
         for group, saved in zip(groups, meta["optimizer"]):
