@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -549,3 +550,30 @@ def test_batchnorm_folds_for_evaluation_with_the_same_logits(name):
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
     assert all(m.training is False for m in folded.modules()) and net(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("sync", ["torch", "cpu"])
+def test_synchronised_batchnorm_folds_like_plain_batchnorm(sync):
+    """Distributed runs evaluate a model whose BatchNorm is synchronised: it folds, with the same logits."""
+    from resnetlab.train.syncbn import convert_sync_batchnorm
+
+    net = create_model("resnet10", width=8, stem="small").eval()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2)
+    synced = copy.deepcopy(net)
+    synced = (
+        nn.SyncBatchNorm.convert_sync_batchnorm(synced)
+        if sync == "torch"
+        else convert_sync_batchnorm(synced, torch.device("cpu"))
+    )
+    assert not any(type(m) is nn.BatchNorm2d for m in synced.modules())
+    folded = fold_batchnorm(synced.eval())
+
+    def norms(m: nn.Module) -> int:
+        return sum(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) for m in m.modules())
+
+    assert norms(folded) == norms(fold_batchnorm(net)) < norms(net)  # as many folded as in the plain model
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)

@@ -24,8 +24,32 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     """
     from torch.fx.experimental.optimization import fuse
 
-    folded = fuse(copy.deepcopy(net).eval(), inplace=True)
+    plain = copy.deepcopy(net).eval()
+    _plain_batchnorm(plain)
+    folded = fuse(plain, inplace=True)
     # fuse() keeps the parameters' values, not their memory format: keep the network's
     if any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in net.parameters()):
         folded = folded.to(memory_format=torch.channels_last)
     return folded.eval()
+
+
+def _plain_batchnorm(net: nn.Module) -> None:
+    """Replace, in place, each other BatchNorm of images (torch's SyncBatchNorm, the CPU one of distributed
+    runs) by a plain BatchNorm2d with its state. fuse() folds only that exact type, and fx traces into
+    modules outside torch.nn, where BatchNorm's shape check is control flow it cannot trace. In eval mode
+    these are plain BatchNorm2d, so the folded result is the same."""
+    for name, child in net.named_children():
+        if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)) and type(child) is not nn.BatchNorm2d:
+            state = child.state_dict()
+            plain = nn.BatchNorm2d(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+                device=next(iter(state.values())).device if state else None,
+            )
+            plain.load_state_dict(state)
+            setattr(net, name, plain.eval())
+        else:
+            _plain_batchnorm(child)
