@@ -535,6 +535,7 @@ def test_count_parameters_trainable_only():
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_batchnorm_folds_for_evaluation_with_the_same_logits(name):
+    torch.manual_seed(0)
     net = create_model(name, stem="small").eval()
     for module in net.modules():  # statistics away from the defaults (mean 0, var 1), as after training
         if isinstance(module, nn.BatchNorm2d):
@@ -544,12 +545,18 @@ def test_batchnorm_folds_for_evaluation_with_the_same_logits(name):
                 module.weight.data.uniform_(0.5, 2),
             )
     folded = fold_batchnorm(net)
-    convs = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) < convs  # some folded (preact: the rest)
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    if name.startswith("preact"):  # the norms before a convolution stay
+        assert 0 < left < sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    else:  # every norm follows a convolution, the projection shortcuts' included
+        assert left == 0
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
-    assert all(m.training is False for m in folded.modules()) and net(x).shape == (2, 10)
+        logits = net(x)
+        # rounding error relative to the largest logit: the deep pre-activation models' logits reach 1e10 here
+        scale = logits.abs().max().clamp(min=1)
+        torch.testing.assert_close(folded(x) / scale, logits / scale, rtol=1e-4, atol=1e-4)
+    assert all(m.training is False for m in folded.modules()) and logits.shape == (2, 10)
 
 
 @pytest.mark.parametrize("sync", ["torch", "cpu"])
@@ -573,7 +580,7 @@ def test_synchronised_batchnorm_folds_like_plain_batchnorm(sync):
     def norms(m: nn.Module) -> int:
         return sum(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) for m in m.modules())
 
-    assert norms(folded) == norms(fold_batchnorm(net)) < norms(net)  # as many folded as in the plain model
+    assert norms(folded) == norms(fold_batchnorm(net)) == 0
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)

@@ -12,6 +12,9 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from resnetlab.models.blocks import Projection
 
 __all__ = ["fold_batchnorm"]
 
@@ -26,6 +29,7 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
 
     plain = copy.deepcopy(net).eval()
     _plain_batchnorm(plain)
+    _fold_projections(plain)
     folded = fuse(plain, inplace=True)
     # fuse() keeps the parameters' values, not their memory format: keep the network's
     if any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in net.parameters()):
@@ -53,3 +57,13 @@ def _plain_batchnorm(net: nn.Module) -> None:
             setattr(net, name, plain.eval())
         else:
             _plain_batchnorm(child)
+
+
+def _fold_projections(net: nn.Module) -> None:
+    """Fold, in place, the BatchNorm of each projection shortcut into its 1x1 convolution. fuse() sees
+    only a call of a Conv2d module followed by a BatchNorm2d; a projection's convolution runs through
+    ``conv1x1_unit_stride`` (a training-time fix, the same function) as a functional call."""
+    for module in net.modules():
+        if isinstance(module, Projection) and len(module) == 2 and type(module[1]) is nn.BatchNorm2d:
+            module[0] = fuse_conv_bn_eval(module[0], module[1])
+            del module[1]
