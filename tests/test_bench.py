@@ -337,7 +337,7 @@ def test_bench_train_rejects_unknown_lever(capsys: pytest.CaptureFixture[str]) -
         (["eval-batch", "RUN", "--rounds", "0"], "--rounds must be >= 1, not 0"),
         (["eval-batch", "RUN", "--batch-sizes", "0,4"], "--batch-sizes must be positive ints, not '0,4'"),
         (["conv-backward", "--reps", "0"], "--reps must be >= 1, not 0"),
-        (["conv-backward", "--recipe", "zzz"], "unknown recipe 'zzz'; choose one of d2l, fast, best"),
+        (["conv-backward", "--recipe", "zzz"], "unknown recipe 'zzz'; choose one of d2l, fast, accurate, best"),
         (["accuracy-holds", "--epochs", "0"], "--epochs must be >= 1, not 0"),
         (["reference", "--subset", "-1"], "--subset must be >= 0, not -1"),
         (["strided-projection", "--cases", "fast,huge"], "--cases takes a comma list of fast, d2l, not 'fast,huge'"),

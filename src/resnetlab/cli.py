@@ -143,7 +143,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train a model with a recipe (default: fast)",
         description="Train with a recipe; every recipe field can be overridden by its flag.",
     )
-    p.add_argument("--recipe", help="d2l, fast or best (default fast)")
+    p.add_argument("--recipe", help="d2l, fast, accurate or best (default fast)")
     # Recipe overrides: None means "keep the recipe's value".
     p.add_argument("--model")
     p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10 or folder:PATH")
@@ -380,7 +380,7 @@ def _add_bench_chapter_run(b: argparse.ArgumentParser) -> None:
 def _add_bench_studies(bsub: argparse._SubParsersAction) -> None:
     """The bench commands that measure one of resnetlab's own choices."""
     b = bsub.add_parser("fast-step", help="a recipe's own training step, eager vs torch.compile, interleaved (CPU)")
-    b.add_argument("--recipe", default="fast", help="d2l, fast or best (default fast)")
+    b.add_argument("--recipe", default="fast", help="d2l, fast, accurate or best (default fast)")
     b.add_argument("--steps", type=int, default=20, help="timed steps of each side (default 20)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first (default 2)")
     b.add_argument("--dataset", help="default: the recipe's")
@@ -388,7 +388,7 @@ def _add_bench_studies(bsub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser(
         "conv-backward", help="a recipe's convolutions: forward vs input and weight gradients, per layer (CPU)"
     )
-    b.add_argument("--recipe", default="fast", help="d2l, fast or best (default fast)")
+    b.add_argument("--recipe", default="fast", help="d2l, fast, accurate or best (default fast)")
     b.add_argument("--batch-size", type=int, help="default: the recipe's")
     b.add_argument("--reps", type=int, default=15, help="timed calls per figure; the median is printed (default 15)")
     b = bsub.add_parser("eval-batch", help="a run's end-of-epoch test pass at several batch sizes, interleaved")
