@@ -198,10 +198,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
     p.add_argument(
-        "--tta-translate",
-        type=int,
-        metavar="PX",
-        help="test-time augmentation with the image shifted by PX pixels too (for models trained with crops)",
+        "--tta-translate", type=int, metavar="PX", help="TTA with PX-pixel shifts too (models trained with crops)"
     )
     p.add_argument("--data-root", help="look for datasets here first")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")

@@ -238,6 +238,39 @@ class Recipe:
         return self
 
 
+# The chapter's 92.4% soonest on a small CPU: a small stem, images downscaled to 24 px, one-cycle
+# SGD with Nesterov momentum, label smoothing, flips and flip test-time augmentation. Width 16
+# because on a CPU without bf16 (AVX2 only) the cost grows with width squared. 24 px, batch 128
+# at peak lr 0.4 and 3 epochs: the cheapest setting measured that still ends above 92.4% over
+# seeds 0-2; smaller images, fewer epochs and progressive resizing end at or below the line.
+# Test accuracy after the last epoch only (eval_every=0): a test pass costs time and changes
+# nothing in training; --eval-every 1 draws the per-epoch test curve. The measurements behind
+# each choice, with commands and machine: docs/performance.md.
+_FAST = Recipe(
+    name="fast",
+    model="resnet10",
+    dataset="fashion-mnist",
+    epochs=3,
+    batch_size=128,
+    lr=0.4,
+    resize=24,
+    optimizer="sgd",
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    schedule="onecycle",
+    warmup=0.2,
+    label_smoothing=0.1,
+    augment="flip",
+    normalize=True,
+    stem="small",
+    width=16,
+    precision="auto",
+    channels_last=True,
+    tta=True,
+    eval_every=0,
+)
+
 RECIPES: dict[str, Recipe] = {
     # The chapter, field by field: d2l.load_data_fashion_mnist(256, resize=96) + d2l.train_ch6(net, ..., 10, 0.05).
     "d2l": Recipe(
@@ -259,67 +292,13 @@ RECIPES: dict[str, Recipe] = {
         precision="fp32",
         eval_batch_size=256,
     ),
-    # The chapter's 92.4% soonest on a small CPU: a small stem, images downscaled to 24 px, one-cycle
-    # SGD with Nesterov momentum, label smoothing, flips and flip test-time augmentation. Width 16
-    # because on a CPU without bf16 (AVX2 only) the cost grows with width squared. 24 px, batch 128
-    # at peak lr 0.4 and 3 epochs: the cheapest setting measured that still ends above 92.4% over
-    # seeds 0-2; smaller images, fewer epochs and progressive resizing end at or below the line.
-    # Test accuracy after the last epoch only (eval_every=0): a test pass costs time and changes
-    # nothing in training; --eval-every 1 draws the per-epoch test curve. The measurements behind
-    # each choice, with commands and machine: docs/performance.md.
-    "fast": Recipe(
-        name="fast",
-        model="resnet10",
-        dataset="fashion-mnist",
-        epochs=3,
-        batch_size=128,
-        lr=0.4,
-        resize=24,
-        optimizer="sgd",
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        schedule="onecycle",
-        warmup=0.2,
-        label_smoothing=0.1,
-        augment="flip",
-        normalize=True,
-        stem="small",
-        width=16,
-        precision="auto",
-        channels_last=True,
-        tta=True,
-        eval_every=0,
-    ),
-    # 94% on a 2-core CPU in minutes: the rung between fast and best (airbench's 94/95/96 ladder). Width 32
-    # (multiples of 32 channels suit the bf16 matrix units) at the native 28 px, crops of 2 pixels and
-    # translation TTA of 1 pixel, which lets the small model use more epochs; otherwise fast's schedule.
+    "fast": _FAST,
+    # 94% on a 2-core CPU in minutes: the rung between fast and best (airbench's 94/95/96 ladder). fast's
+    # schedule on width 32 (multiples of 32 channels suit the bf16 matrix units) at the native 28 px, with
+    # crops of 2 pixels and translation TTA of 1 pixel, which let the small model use more epochs.
     # The measurements behind each choice, with commands and machine: docs/performance.md.
-    "accurate": Recipe(
-        name="accurate",
-        model="resnet10",
-        dataset="fashion-mnist",
-        epochs=12,
-        batch_size=128,
-        lr=0.4,
-        resize=0,
-        optimizer="sgd",
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        schedule="onecycle",
-        warmup=0.2,
-        label_smoothing=0.1,
-        augment="flip,crop",
-        crop_padding=2,
-        normalize=True,
-        stem="small",
-        width=32,
-        precision="auto",
-        channels_last=True,
-        tta=True,
-        tta_translate=1,
-        eval_every=0,
+    "accurate": dataclasses.replace(
+        _FAST, name="accurate", epochs=12, resize=0, augment="flip,crop", crop_padding=2, width=32, tta_translate=1
     ),
     # Highest accuracy within a few GPU-hours: a full ResNet-18 at 32 px (native 28 padded by a crop),
     # long cosine schedule, flips, crops and random erasing.
