@@ -189,6 +189,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="zero the last BatchNorm of every residual branch",
     )
+    p.add_argument(
+        "--whiten-stem",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="first convolution: frozen filters that whiten the training images' patches",
+    )
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument(
         "--eval-every",

@@ -26,6 +26,7 @@ from resnetlab.models.summary import (
     layer_shapes,
     min_input_size,
 )
+from resnetlab.models.whiten import first_conv, freeze_whitened_filters, whiten_first_conv, whitened_filters
 
 __all__ = [
     "Residual",
@@ -46,4 +47,8 @@ __all__ = [
     "layer_shapes",
     "min_input_size",
     "check_input_size",
+    "first_conv",
+    "freeze_whitened_filters",
+    "whiten_first_conv",
+    "whitened_filters",
 ]

@@ -102,6 +102,11 @@ def _check_flags(
         raise UsageError(f"--resume continues the run in {resume}; drop {' and '.join(given)}")
 
 
+def _check_init_from(recipe: Recipe, init_from: str | None) -> None:
+    if init_from is not None and recipe.whiten_stem:  # one would overwrite the other's first convolution
+        raise UsageError("--init-from and --whiten-stem both set the first convolution; drop one of them")
+
+
 def _run_dir_of(resume: str | Path) -> Path:
     """The run directory of ``--resume`` (a run directory or its checkpoint file)."""
     return Path(resume) if Path(resume).is_dir() else Path(resume).parent
@@ -268,6 +273,7 @@ def check_train_request(
         elastic.check_world_size(meta.get("world_size"), world_size, _run_dir_of(resume))
     else:
         checked = get_recipe(recipe or "fast", **overrides)
+        _check_init_from(checked, init_from)
         if out:
             prepare_run_dir(out, checked.name, force)
         if init_from:
@@ -323,6 +329,7 @@ def resolve_request(
         force = True
     if resume is None:
         recipe = recipe.validate() if isinstance(recipe, Recipe) else get_recipe(recipe or "fast", **overrides)
+        _check_init_from(recipe, init_from)
         return Request(recipe, out, force, None, None, None, data_root)  # rank 0 chooses the directory
     stamp = checkpoint_stamp(
         _run_dir_of(resume)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from resnetlab.data import BatchLoader, Preprocess, Split, load_dataset
+from resnetlab.data import BatchLoader, Preprocess, Split, load_dataset, to_float
 from resnetlab.errors import UsageError
 from resnetlab.inference import Classifier
-from resnetlab.models import check_input_size, create_model
+from resnetlab.models import check_input_size, create_model, freeze_whitened_filters, whiten_first_conv
 from resnetlab.train import dist
 from resnetlab.train.evaluate import require_test_images
 from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from resnetlab.train.request import Request
 
 __all__ = ["Run", "build_run", "channel_stats", "check_train_size", "seeded_subset"]
+
+# Training images whose patches set a whitened stem (--whiten-stem): the covariance of a 3x3
+# patch is settled well before this, and it costs well under a second.
+WHITENING_IMAGES = 5000
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
@@ -260,6 +264,11 @@ def build_run(request: Request, ctx: dist.DistContext, precision: str, init_from
     train_loader, test_loader = make_loaders(net, recipe, train_split, test_split, ctx)
     if recipe.init == "xavier":
         xavier_init(net)
+    if recipe.whiten_stem:
+        if not resumed:  # a resume restores the filters with the rest
+            images = train_split.images[:WHITENING_IMAGES]
+            whiten_first_conv(net, preprocess(to_float(images.to(ctx.device))))
+        freeze_whitened_filters(net)
     if init_from and not resumed:
         from resnetlab.models.pretrained import load_pretrained
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from resnetlab.data import Preprocess, random_crop, random_erasing, random_flip, to_float
 from resnetlab.errors import ResnetlabError
+from resnetlab.models import first_conv
 from resnetlab.train.recipes import Recipe
 
 __all__ = [
@@ -55,9 +56,11 @@ def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
 
 
 def make_optimizer(recipe: Recipe, net: nn.Module, lr: float) -> torch.optim.Optimizer:
-    # No weight decay on BN parameters and biases, the usual choice for ResNets.
-    decay = [p for p in net.parameters() if p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    # No weight decay on BN parameters and biases, the usual choice for ResNets, nor on a whitened
+    # stem, whose frozen filters must not shrink (its BatchNorm undoes the scale of the others).
+    frozen = {id(first_conv(net).weight)} if recipe.whiten_stem else set()
+    decay = [p for p in net.parameters() if p.ndim > 1 and id(p) not in frozen]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1 or id(p) in frozen]
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel per parameter for the whole update, on CPU and CUDA (docs/performance.md)
     if recipe.optimizer == "adamw":
