@@ -129,6 +129,18 @@ def test_an_interrupted_whitened_run_resumes_to_the_same_weights(
     assert model and all(torch.equal(a[k], b[k]) for k in model)
 
 
+def test_pretrained_weights_replace_a_recipes_whitened_stem(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(RECIPES, "fast", dataclasses.replace(RECIPES["fast"], whiten_stem=True))
+    settings = {**TINY, "subset": 64, "epochs": 1, "lr": 1e-9}
+    result = train("fast", out=tmp_path / "ft", init_from=str(tiny_run.run_dir), **settings)
+    tensors, meta = read_checkpoint(result.run_dir)
+    assert meta["recipe"]["whiten_stem"] is False  # the run says what it trained
+    start = read_checkpoint(tiny_run.run_dir)[0]["model.conv1.weight"]
+    assert torch.allclose(tensors["model.conv1.weight"], start, atol=1e-6)
+
+
 def test_init_from_and_whiten_stem_are_refused_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     weights = tmp_path / "weights.pt"
     torch.save({}, weights)

@@ -102,9 +102,18 @@ def _check_flags(
         raise UsageError(f"--resume continues the run in {resume}; drop {' and '.join(given)}")
 
 
-def _check_init_from(recipe: Recipe, init_from: str | None) -> None:
-    if init_from is not None and recipe.whiten_stem:  # one would overwrite the other's first convolution
+def _initialised_from(recipe: Recipe, init_from: str | None, whiten_asked: bool) -> Recipe:
+    """The recipe a new run trains when it starts from ``init_from``.
+
+    Both set the first convolution: pretrained weights replace a recipe's whitened stem (the
+    weights asked for win, as they replace the rest of its initialisation), and asking for both
+    (``--whiten-stem``, or a Recipe given whole) is refused.
+    """
+    if init_from is None or not recipe.whiten_stem:
+        return recipe
+    if whiten_asked:
         raise UsageError("--init-from and --whiten-stem both set the first convolution; drop one of them")
+    return dataclasses.replace(recipe, whiten_stem=False)
 
 
 def _run_dir_of(resume: str | Path) -> Path:
@@ -272,8 +281,9 @@ def check_train_request(
         (_, meta), checked = _resumed_run(resume, overrides)
         elastic.check_world_size(meta.get("world_size"), world_size, _run_dir_of(resume))
     else:
-        checked = get_recipe(recipe or "fast", **overrides)
-        _check_init_from(checked, init_from)
+        checked = _initialised_from(
+            get_recipe(recipe or "fast", **overrides), init_from, bool(overrides.get("whiten_stem"))
+        )
         if out:
             prepare_run_dir(out, checked.name, force)
         if init_from:
@@ -328,8 +338,9 @@ def resolve_request(
     elif restarted == "restart":  # the failure came before the first checkpoint: start over
         force = True
     if resume is None:
+        asked = isinstance(recipe, Recipe) or bool(overrides.get("whiten_stem"))
         recipe = recipe.validate() if isinstance(recipe, Recipe) else get_recipe(recipe or "fast", **overrides)
-        _check_init_from(recipe, init_from)
+        recipe = _initialised_from(recipe, init_from, asked)
         return Request(recipe, out, force, None, None, None, data_root)  # rank 0 chooses the directory
     stamp = checkpoint_stamp(
         _run_dir_of(resume)
