@@ -54,6 +54,7 @@ COMMON = dict(
     device="cpu",
     seed=3,
     eval_every=1,
+    whiten_stem=True,  # the whitening and its frozen filters, identical on every rank and through DDP's reducer
 )
 TWO = dict(COMMON, batch_size=32, lr=0.05, scale_lr=True, sync_bn=True)
 ONE = dict(COMMON, batch_size=64, lr=0.1)

@@ -47,7 +47,7 @@ def test_whitening_decorrelates_the_stems_outputs_to_unit_variance(
     before = conv.weight.detach().clone()
     # correlated inputs: smoothed noise, as neighbouring pixels of an image are
     images = F.avg_pool2d(torch.randn(200, in_chans, 28, 28), 3, 1, 1) * 3 + 0.5
-    assert whiten_first_conv(net, images) == whitened_filters(conv) == expected
+    assert whiten_first_conv(net, [images]) == whitened_filters(conv) == expected
     half, w = expected // 2, conv.weight.detach()
     assert torch.equal(w[half:expected], -w[:half])
     assert torch.equal(w[expected:], before[expected:])  # the rest keep their initialisation
@@ -59,9 +59,26 @@ def test_whitening_decorrelates_the_stems_outputs_to_unit_variance(
     assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-3
 
 
-def test_whitening_refuses_a_network_without_a_convolution() -> None:
+def test_whitening_reads_its_batches_only_as_far_as_the_patches_it_needs() -> None:
+    torch.manual_seed(0)
+    images = F.avg_pool2d(torch.randn(12, 1, 10, 10), 3, 1, 1)
+    nets = [create_model("resnet10", stem="small", width=16) for _ in range(3)]
+    whiten_first_conv(nets[0], [images[:5]])
+    read = []
+
+    def batches():  # the first five images' patches, across two batches and a chunk of one image each
+        for batch in (images[:3], images[3:8], images[8:]):
+            read.append(len(batch))
+            yield batch
+
+    whiten_first_conv(nets[1], batches(), max_patches=5 * 100, chunk_bytes=1)
+    assert read == [3, 5]  # the third batch is never read
+    a, b = (first_conv(n).weight for n in nets[:2])
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one image"):
+        whiten_first_conv(nets[2], [])
     with pytest.raises(ValueError, match="no Conv2d"):
-        whiten_first_conv(torch.nn.Linear(3, 3), torch.zeros(1, 3))
+        whiten_first_conv(torch.nn.Linear(3, 3), [torch.zeros(1, 3)])
 
 
 def test_the_whitened_stem_is_kept_out_of_weight_decay() -> None:

@@ -11,12 +11,17 @@ keep their initialisation and train.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["first_conv", "freeze_whitened_filters", "whiten_first_conv", "whitened_filters"]
 
+# The 3x3 patches of 5,000 Fashion-MNIST images at 28 px: the covariance of a small patch is settled
+# well before this, and the sum costs well under a second; larger images stop after fewer images.
+MAX_PATCHES = 5000 * 28 * 28
 # Added to every eigenvalue, in units of the normalised input's variance: it bounds the gain of
 # the directions the data barely spans (airbench uses the same order of magnitude).
 EIGENVALUE_EPS = 5e-4
@@ -38,13 +43,17 @@ def whitened_filters(conv: nn.Conv2d) -> int:
 
 
 @torch.no_grad()
-def whiten_first_conv(net: nn.Module, images: torch.Tensor, chunk: int = 1000) -> int:
-    """Set the first convolution's leading filters to the whitening basis of ``images``' patches.
+def whiten_first_conv(
+    net: nn.Module, batches: Iterable[torch.Tensor], max_patches: int = MAX_PATCHES, chunk_bytes: int = 64 << 20
+) -> int:
+    """Set the first convolution's leading filters to the whitening basis of the inputs' patches.
 
     Args:
         net: the network; its first Conv2d must have ``groups=1``.
-        images: float model inputs (N, C, H, W), preprocessed as the network sees them.
-        chunk: images per step of the covariance sum, to keep memory flat.
+        batches: float model inputs (N, C, H, W), preprocessed as the network sees them; read
+            lazily, and only until ``max_patches`` patches are summed.
+        max_patches: patches to estimate the covariance from.
+        chunk_bytes: the most memory one step of the sum unfolds, so large images stay in bounds.
 
     Returns:
         the number of filters set (see :func:`whitened_filters`).
@@ -58,25 +67,28 @@ def whiten_first_conv(net: nn.Module, images: torch.Tensor, chunk: int = 1000) -
     dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     cov = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
-    for i in range(0, len(images), chunk):
-        # the patches the convolution sees, borders with their zero padding included
-        patches = F.unfold(
-            images[i : i + chunk].float().cpu(),
-            conv.kernel_size,
-            dilation=conv.dilation,
-            padding=conv.padding,
-            stride=conv.stride,
-        )
-        patches = patches.transpose(1, 2).reshape(-1, dim).double()
-        cov += patches.T @ patches
-        count += len(patches)
+    for batch in batches:
+        for images in batch.split(max(1, chunk_bytes // (8 * dim * batch[0, 0].numel()))):
+            # the patches the convolution sees, borders with their zero padding included
+            patches = F.unfold(
+                images.float().cpu(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+            )
+            patches = patches.transpose(1, 2).reshape(-1, dim)[: max_patches - count].double()
+            cov += patches.T @ patches
+            count += len(patches)
+            if count == max_patches:
+                break
+        if count == max_patches:
+            break
+    if count == 0:
+        raise ValueError("whitening needs at least one image")
     # about the origin, not the mean: the inputs are normalised, and BatchNorm removes the rest
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov / max(count, 1))
-    order = eigenvalues.flip(0)[:n], eigenvectors.flip(1)[:, :n]
-    basis = (order[1] / (order[0].clamp_min(0) + EIGENVALUE_EPS).sqrt()).T
-    basis = basis.reshape(n, conv.in_channels, *conv.kernel_size).to(conv.weight.dtype)
-    conv.weight[:n] = basis.to(conv.weight.device)
-    conv.weight[n : 2 * n] = -basis.to(conv.weight.device)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov / count)
+    eigenvalues, eigenvectors = eigenvalues.flip(0)[:n], eigenvectors.flip(1)[:, :n]  # the largest first
+    basis = (eigenvectors / (eigenvalues.clamp_min(0) + EIGENVALUE_EPS).sqrt()).T
+    basis = basis.reshape(n, conv.in_channels, *conv.kernel_size).to(conv.weight)
+    conv.weight[:n] = basis
+    conv.weight[n : 2 * n] = -basis
     if conv.bias is not None:
         conv.bias[: 2 * n] = 0
     return 2 * n

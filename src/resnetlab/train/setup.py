@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Run", "build_run", "channel_stats", "check_train_size", "seeded_subset"]
 
-# Training images whose patches set a whitened stem (--whiten-stem): the covariance of a 3x3
-# patch is settled well before this, and it costs well under a second.
-WHITENING_IMAGES = 5000
-
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images in [0, 1] units, in chunks to keep memory flat."""
@@ -266,8 +262,8 @@ def build_run(request: Request, ctx: dist.DistContext, precision: str, init_from
         xavier_init(net)
     if recipe.whiten_stem:
         if not resumed:  # a resume restores the filters with the rest
-            images = train_split.images[:WHITENING_IMAGES]
-            whiten_first_conv(net, preprocess(to_float(images.to(ctx.device))))
+            batches = train_split.images.split(256)  # read in order, only as far as the patches needed
+            whiten_first_conv(net, (preprocess(to_float(b.to(ctx.device))) for b in batches))
         freeze_whitened_filters(net)
     if init_from and not resumed:
         from resnetlab.models.pretrained import load_pretrained
