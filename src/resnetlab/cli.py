@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import importlib
 import os
 import re
@@ -144,7 +145,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train with a recipe; every recipe field can be overridden by its flag.",
     )
     p.add_argument("--recipe", help="d2l, fast, accurate or best (default fast)")
-    # Recipe overrides: None means "keep the recipe's value".
+    # Recipe overrides: None means "keep the recipe's value"; switch: an on/off field, --x and --no-x.
+    switch = functools.partial(p.add_argument, action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--model")
     p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10 or folder:PATH")
     p.add_argument("--epochs", type=int)
@@ -161,40 +163,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--momentum", type=float)
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (SGD)")
+    switch("--nesterov", help="Nesterov momentum (SGD)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=["constant", "onecycle", "cosine"])
     p.add_argument("--warmup", type=float, help="fraction of all steps spent warming up linearly (any schedule)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", help="none, or a comma list of flip, crop, erase")
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels")
-    p.add_argument(
-        "--normalize",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="standardise inputs with the training split's mean and std",
-    )
+    switch("--normalize", help="standardise inputs with the training split's mean and std")
     p.add_argument("--init", choices=["xavier", "default"], help="xavier (the chapter's) or the model's own")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    switch("--channels-last")
+    switch("--compile")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int)
     p.add_argument("--subset", type=int, help="train on a seeded random subset of N training images")
     p.add_argument("--width", type=int, help="model base width")
     p.add_argument("--stem", choices=["imagenet", "small"])
-    p.add_argument(
-        "--zero-init-residual",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="zero the last BatchNorm of every residual branch",
-    )
-    p.add_argument(
-        "--whiten-stem",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="first convolution: frozen filters that whiten the training images' patches",
-    )
+    switch("--zero-init-residual", help="zero the last BatchNorm of every residual branch")
+    switch("--whiten-stem", help="first convolution: frozen filters that whiten the training images' patches")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument(
         "--eval-every",
@@ -202,7 +189,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="test-set accuracy after every N-th epoch and after the last (0: after the last only)",
     )
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
+    switch("--tta", help="flip test-time augmentation")
     p.add_argument(
         "--tta-translate", type=int, metavar="PX", help="TTA with PX-pixel shifts too (models trained with crops)"
     )
@@ -217,10 +204,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also checkpoint every N steps")
     p.add_argument("--init-from", metavar="PATH", help="start from torchvision/timm ResNet weights")
     p.add_argument("--nproc", type=int, help="launch N processes on this machine with torchrun")
-    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--scale-lr", action=argparse.BooleanOptionalAction, default=None, help="multiply lr by the world size"
-    )
+    switch("--sync-bn")
+    switch("--scale-lr", help="multiply lr by the world size")
 
 
 INFERENCE_PRECISIONS = ["fp32", "bf16", "auto"]

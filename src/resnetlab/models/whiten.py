@@ -67,17 +67,15 @@ def whiten_first_conv(
     dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     cov = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
-    for batch in batches:
-        for images in batch.split(max(1, chunk_bytes // (8 * dim * batch[0, 0].numel()))):
-            # the patches the convolution sees, borders with their zero padding included
-            patches = F.unfold(
-                images.float().cpu(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
-            )
-            patches = patches.transpose(1, 2).reshape(-1, dim)[: max_patches - count].double()
-            cov += patches.T @ patches
-            count += len(patches)
-            if count == max_patches:
-                break
+    chunks = (c for b in batches for c in b.split(max(1, chunk_bytes // (8 * dim * b[0, 0].numel()))))
+    for images in chunks:
+        # the patches the convolution sees, borders with their zero padding included
+        patches = F.unfold(
+            images.float().cpu(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+        )
+        patches = patches.transpose(1, 2).reshape(-1, dim)[: max_patches - count].double()
+        cov += patches.T @ patches
+        count += len(patches)
         if count == max_patches:
             break
     if count == 0:
