@@ -182,6 +182,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stem", choices=["imagenet", "small"])
     switch("--zero-init-residual", help="zero the last BatchNorm of every residual branch")
     switch("--whiten-stem", help="first convolution: frozen filters that whiten the training images' patches")
+    switch("--lookahead", help="every 5 steps, reset the weights to a slow average of them; end on it")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument(
         "--eval-every",

@@ -225,6 +225,8 @@ def run_epoch(run: Run, saver: Checkpointer, stop: dict[str, Any], checkpoint_ev
                 f"{err} at epoch {state.epoch + 1}, step {step} (lr {state.optimizer.param_groups[0]['lr']:.4g}); "
                 f"{kept}. Lower --lr" + (" or use --precision fp32" if amp_dtype else "")
             ) from None
+        if state.lookahead is not None:
+            state.lookahead.after_step(state.net, global_step + 1, run.total_steps)
         meter.clock.stop()
         meter.add(loss, logits, labels)
         elastic.record_step_loss(state.epoch, step, loss, len(labels))

@@ -72,6 +72,8 @@ class Recipe:
         zero_init_residual: zero the last BN of every residual branch.
         whiten_stem: set the first convolution's filters to the whitening basis of the training images'
             patches (each with its negation) and freeze them, as airbench (:mod:`resnetlab.models.whiten`).
+        lookahead: every 5 steps pull the weights back to a slow copy that follows them, more
+            strongly as the run ends, and end on it, as airbench (:mod:`resnetlab.train.lookahead`).
         tta: average the logits of each test image and its mirror image.
         tta_translate: also average the logits of the test image shifted by this many pixels up-left and
             down-right (weights 1/2, 1/4, 1/4, as airbench), for models trained with crops; 0: none.
@@ -111,6 +113,7 @@ class Recipe:
     stem: str | None = None
     zero_init_residual: bool = False
     whiten_stem: bool = False
+    lookahead: bool = False
     tta: bool = False
     tta_translate: int = 0
     eval_batch_size: int = (

@@ -18,6 +18,7 @@ import torch
 
 from resnetlab.checkpoint import (
     CUDA_RNG_BYTES,
+    TensorSpec,
     model_skeleton,
     optimizer_state_spec,
     read_checkpoint,
@@ -29,6 +30,7 @@ from resnetlab.device import resolve_device, resolve_precision
 from resnetlab.errors import CheckpointError, UsageError
 from resnetlab.fileio import CHECKPOINT_NAME, PREVIOUS_RUN
 from resnetlab.train import elastic
+from resnetlab.train.lookahead import Lookahead
 from resnetlab.train.recipes import Recipe, get_recipe, recipe_as_trained
 from resnetlab.train.rundir import check_not_in_use, checkpoint_stamp, prepare_run_dir
 from resnetlab.train.state import EMPTY_INTERVAL, EMPTY_SUMS
@@ -243,20 +245,32 @@ def _resume_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: 
         wrong = _wrong_numbers(row, _HISTORY_RANGES, f"history[{i}]", may_be_none=("test_acc",))
         if wrong or row["epoch"] != i + 1:
             raise corrupt(wrong or f"history[{i}].epoch is {row['epoch']}, not {i + 1}")
-    # The optimizer and generator state, against the optimizer this recipe builds (shapes only: on the meta device).
-    with torch.device("meta"):
-        optimizer = make_optimizer(recipe, model_skeleton(meta), recipe.lr)
-    expected = {**optimizer_state_spec(optimizer), "rng.cpu": (torch.uint8, tuple(torch.get_rng_state().shape))}
-    if "rng.cuda" in tensors:  # written by a run on a GPU, restored on one
-        expected["rng.cuda"] = (torch.uint8, (CUDA_RNG_BYTES,))
+    optimizer, expected = _state_spec(recipe, meta, position, tensors)
     state = {k: v for k, v in tensors.items() if not k.startswith("model.")}
-    if not any(k.startswith("optim.") for k in state) and (scaler is not None or position == {"epoch": 0, "step": 0}):
-        # no step taken yet: a GradScaler (fp16) skips every step whose gradients overflowed, often the first ones
-        expected = {k: v for k, v in expected.items() if not k.startswith("optim.")}
     wrong = tensor_mismatch(state, expected, "expected") or wrong_optimizer_groups(meta["optimizer"], optimizer)
     if wrong:
         raise corrupt(wrong)
     return recipe
+
+
+def _state_spec(
+    recipe: Recipe, meta: dict[str, Any], position: dict[str, int], tensors: dict[str, torch.Tensor]
+) -> tuple[torch.optim.Optimizer, dict[str, TensorSpec]]:
+    """The optimizer this recipe builds (on the meta device) and the dtype and shape of every tensor of the
+    state a resume restores beside the weights: optimizer, generators, the lookahead's slow copy."""
+    with torch.device("meta"):
+        skeleton = model_skeleton(meta)
+        optimizer = make_optimizer(recipe, skeleton, recipe.lr)
+    expected = {**optimizer_state_spec(optimizer), "rng.cpu": (torch.uint8, tuple(torch.get_rng_state().shape))}
+    if recipe.lookahead:
+        expected.update({f"lookahead.{k}": (v.dtype, tuple(v.shape)) for k, v in Lookahead(skeleton).slow.items()})
+    if "rng.cuda" in tensors:  # written by a run on a GPU, restored on one
+        expected["rng.cuda"] = (torch.uint8, (CUDA_RNG_BYTES,))
+    no_step_yet = meta.get("scaler") is not None or position == {"epoch": 0, "step": 0}
+    if not any(k.startswith("optim.") for k in tensors) and no_step_yet:
+        # no step taken yet: a GradScaler (fp16) skips every step whose gradients overflowed, often the first ones
+        expected = {k: v for k, v in expected.items() if not k.startswith("optim.")}
+    return optimizer, expected
 
 
 def check_train_request(

@@ -18,6 +18,7 @@ from resnetlab.inference import Classifier
 from resnetlab.models import check_input_size, create_model, freeze_whitened_filters, whiten_first_conv
 from resnetlab.train import dist
 from resnetlab.train.evaluate import require_test_images
+from resnetlab.train.lookahead import Lookahead
 from resnetlab.train.recipes import WARMUP_EVERY_SCHEDULE, Recipe
 from resnetlab.train.state import ROWS_PER_EPOCH, TrainState
 from resnetlab.train.step import make_optimizer, xavier_init
@@ -276,7 +277,8 @@ def build_run(request: Request, ctx: dist.DistContext, precision: str, init_from
         net.to(memory_format=torch.channels_last)
     lr = recipe.lr * (ctx.world_size if recipe.scale_lr else 1)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
-    state = TrainState(net, make_optimizer(recipe, net, lr), scaler, preprocess)
+    lookahead = Lookahead(net) if recipe.lookahead else None  # a resume restores its slow copy
+    state = TrainState(net, make_optimizer(recipe, net, lr), scaler, preprocess, lookahead)
     if resumed:
         state.restore(*resumed, ctx.device, ctx)
         if state.step > len(train_loader):  # known only now: an epoch's steps depend on the data and the batch size

@@ -22,6 +22,7 @@ from resnetlab.checkpoint import OPTIMIZER_KERNEL_FLAGS, load_weights, prefixed,
 from resnetlab.data import Preprocess
 from resnetlab.fileio import CHECKPOINT_NAME
 from resnetlab.train import dist
+from resnetlab.train.lookahead import Lookahead
 from resnetlab.train.rundir import RunFiles, plot_curves, write_metrics
 from resnetlab.train.signals import TrainingInterrupted, stopped
 from resnetlab.train.step import NonFiniteLoss, StepClock
@@ -46,6 +47,7 @@ class TrainState:
         net: the network (not the DDP or compiled wrapper).
         optimizer: its optimizer; scaler: fp16's loss scaler.
         preprocess: the normalisation (a resumed run keeps its saved mean and std).
+        lookahead: the slow copy of the weights, where the recipe asks for one.
         epoch, step: where the run stands (the next step to take).
         sums: the current epoch's running sums (:data:`EMPTY_SUMS`) up to the curve's last row.
         interval: the steps since the curve's last row, as a checkpoint saved them (:data:`EMPTY_INTERVAL`);
@@ -58,6 +60,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     preprocess: Preprocess
+    lookahead: Lookahead | None = None
     epoch: int = 0
     step: int = 0
     sums: dict[str, Any] = field(default_factory=lambda: dict(EMPTY_SUMS))
@@ -66,8 +69,10 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The checkpoint's tensors: weights, optimizer state, generator states."""
+        """The checkpoint's tensors: weights, optimizer state, generator states, the lookahead's slow copy."""
         tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        if self.lookahead is not None:
+            tensors.update({f"lookahead.{k}": v for k, v in self.lookahead.slow.items()})
         for index, state in self.optimizer.state_dict()["state"].items():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
@@ -86,6 +91,9 @@ class TrainState:
     ) -> None:
         """Take a checkpoint's state (validated by ``request.resumed_run``)."""
         load_weights(self.net, prefixed(tensors, "model."), "checkpoint weights do not fit the model")
+        if self.lookahead is not None:
+            for key, value in prefixed(tensors, "lookahead.").items():
+                self.lookahead.slow[key].copy_(value)
         self.preprocess.mean.copy_(torch.tensor(meta["preprocessing"]["mean"]).view_as(self.preprocess.mean))
         self.preprocess.std.copy_(torch.tensor(meta["preprocessing"]["std"]).view_as(self.preprocess.std))
         params = [p for group in self.optimizer.param_groups for p in group["params"]]  # the state dict's indices
