@@ -84,16 +84,19 @@ def test_every_recipe_field_has_a_train_flag() -> None:
 def test_accurate_trains_and_eval_reproduces_its_translated_tta(
     precision: str, tmp_path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The `accurate` rung's own settings (28 px, crops, a whitened stem, translation TTA) end to end, on a subset."""
+    """The `accurate` rung's own settings (28 px, crops, a whitened stem, lookahead, translation TTA) end to end,
+    on a subset."""
     from resnetlab.checkpoint import read_checkpoint
     from resnetlab.cli import main
     from resnetlab.train import train
 
     r = RECIPES["accurate"]
-    assert (r.resize, r.crop_padding, r.tta, r.tta_translate, r.width, r.whiten_stem) == (0, 2, True, 1, 32, True)
+    fields = (r.resize, r.crop_padding, r.tta, r.tta_translate, r.width, r.whiten_stem, r.lookahead)
+    assert fields == (0, 2, True, 1, 32, True, True)
     result = train("accurate", out=tmp_path / "run", precision=precision, width=8, subset=512, epochs=1, progress=False)
     _, meta = read_checkpoint(result.checkpoint)
     assert meta["tta_translate"] == 1 and meta["train_precision"] == precision and meta["recipe"]["whiten_stem"]
+    assert meta["recipe"]["lookahead"]
     capsys.readouterr()
     assert main(["eval", str(result.run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == result.test_acc
