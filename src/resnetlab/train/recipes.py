@@ -304,8 +304,8 @@ RECIPES: dict[str, Recipe] = {
     # schedule on width 32 (multiples of 32 channels suit the bf16 matrix units) at the native 28 px, with
     # crops of 2 pixels and translation TTA of 1 pixel, which let the small model use more epochs, and a
     # whitened, frozen stem, which reaches in 8 epochs what took 12 without it (at a peak lr of 0.3,
-    # which ended above fast's 0.4 on each of seeds 0-2), and lookahead of the weights, which added
-    # 0.1-0.3 points on every seed it was paired on, for one extra update every 5 steps.
+    # which ended above fast's 0.4 on each of seeds 0-2), and lookahead of the weights, which ended
+    # higher on every seed it was paired on, for one extra update every 5 steps.
     # The measurements behind each choice, with commands and machine: docs/performance.md.
     "accurate": dataclasses.replace(
         _FAST,
