@@ -415,9 +415,16 @@ def test_zero_init_blocks_start_as_their_shortcut(name):
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_model_contract_rebuilds(name):
-    model = meta_model(name, num_classes=7, in_chans=3, stem="small", width=16, zero_init_residual=True)
+    model = meta_model(name, num_classes=7, in_chans=3, stem="small", width=16, max_width=64, zero_init_residual=True)
     assert model.name == name
-    assert model.options == {"num_classes": 7, "in_chans": 3, "stem": "small", "width": 16, "zero_init_residual": True}
+    assert model.options == {
+        "num_classes": 7,
+        "in_chans": 3,
+        "stem": "small",
+        "width": 16,
+        "max_width": 64,
+        "zero_init_residual": True,
+    }
     assert json.loads(json.dumps(model.options)) == model.options
     again = meta_model(model.name, **model.options)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
@@ -434,6 +441,26 @@ def test_small_stem_and_width():
     assert layer_shapes(net, (1, 1, 28, 28))[4] == ("Sequential", torch.Size([1, 128, 4, 4]))
     assert net[-1].in_features == 128
     assert meta_model("resnet50", width=16).fc.in_features == 16 * 8 * 4
+
+
+def test_max_width_caps_the_later_stages():
+    model = create_model("resnet18", stem="small", width=16, max_width=32)
+    widths = [stage[-1].conv2.out_channels for stage in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    assert widths == [16, 32, 32, 32]
+    assert model.layer4[0].downsample is not None  # stride 2 still needs a projection at equal channels
+    assert layer_shapes(model, (1, 1, 32, 32))[7] == ("Sequential", torch.Size([1, 32, 4, 4]))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert meta_model("resnet50", width=16, max_width=32).fc.in_features == 32 * 4
+    net = create_model("d2l_resnet18", stem="small", width=16, max_width=32)
+    assert layer_shapes(net, (1, 1, 28, 28))[3:5] == [
+        ("Sequential", torch.Size([1, 32, 7, 7])),
+        ("Sequential", torch.Size([1, 32, 4, 4])),
+    ]
+    assert net[-1].in_features == 32
+    # A cap at or above the last stage's width changes nothing.
+    for name in ("resnet18", "d2l_resnet18"):
+        shapes = {k: v.shape for k, v in meta_model(name, width=16).state_dict().items()}
+        assert {k: v.shape for k, v in meta_model(name, width=16, max_width=128).state_dict().items()} == shapes
 
 
 def test_resnet_class_directly():
@@ -456,6 +483,9 @@ def test_resnet_class_directly():
         ({"in_chans": 0}, "in_chans must be a positive integer, got 0"),
         ({"in_chans": -1}, "in_chans must be a positive integer, got -1"),
         ({"zero_init_residual": "yes"}, "zero_init_residual must be True or False"),
+        ({"width": 16, "max_width": 8}, "max_width must be None or an integer of at least the width (16), got 8"),
+        ({"max_width": "128"}, "max_width must be None or an integer of at least the width (64), got '128'"),
+        ({"max_width": True}, "max_width must be None or an integer of at least the width (64), got True"),
         ({"widht": 8}, "unknown option 'widht' for resnet18; did you mean width?"),
         ({"dropout": 0.1}, "unknown option 'dropout' for resnet18; valid options: num_classes, in_chans, stem"),
     ],
@@ -473,6 +503,8 @@ def test_bad_options_on_d2l_net_too():
         create_model("d2l_resnet18", width=-4)
     with pytest.raises(UsageError, match="unknown stem"):
         create_model("d2l_resnet18", stem="cifar")
+    with pytest.raises(UsageError, match="max_width must be"):
+        create_model("d2l_resnet18", max_width=32)
 
 
 def test_unknown_name_suggests_closest():

@@ -43,6 +43,9 @@ def test_checkpoints_from_before_the_flag_rules_resume_as_they_trained() -> None
     assert recipe_as_trained(old, {WARMUP_EVERY_SCHEDULE: True}).warmup == 0.3  # a new run's warm-up is its own
     onecycle = {**old, "schedule": "onecycle"}
     assert recipe_as_trained(onecycle, {}).warmup == 0.3  # onecycle always warmed up
+    before_max_width = dataclasses.asdict(RECIPES["accurate"])
+    del before_max_width["max_width"]  # accurate's checkpoints from before the cap trained all 256 channels
+    assert "max_width" not in recipe_as_trained(before_max_width, {}).model_options()
 
 
 def test_every_recipe_field_has_a_train_flag() -> None:
@@ -91,12 +94,23 @@ def test_accurate_trains_and_eval_reproduces_its_translated_tta(
     from resnetlab.train import train
 
     r = RECIPES["accurate"]
-    fields = (r.resize, r.crop_padding, r.tta, r.tta_translate, r.width, r.whiten_stem, r.lookahead)
-    assert fields == (0, 2, True, 1, 32, True, True)
-    result = train("accurate", out=tmp_path / "run", precision=precision, width=8, subset=512, epochs=1, progress=False)
-    _, meta = read_checkpoint(result.checkpoint)
+    fields = (r.resize, r.crop_padding, r.tta, r.tta_translate, r.width, r.max_width, r.whiten_stem, r.lookahead)
+    assert fields == (0, 2, True, 1, 32, 128, True, True)
+    # width 8 capped at 32 channels: the last stage capped as in the recipe, at a test's size
+    result = train(
+        "accurate",
+        out=tmp_path / "run",
+        precision=precision,
+        width=8,
+        max_width=32,
+        subset=512,
+        epochs=1,
+        progress=False,
+    )
+    state, meta = read_checkpoint(result.checkpoint)
     assert meta["tta_translate"] == 1 and meta["train_precision"] == precision and meta["recipe"]["whiten_stem"]
-    assert meta["recipe"]["lookahead"]
+    assert meta["recipe"]["lookahead"] and meta["model"]["options"]["max_width"] == 32
+    assert state["model.layer4.0.conv1.weight"].shape[:2] == (32, 32)  # layer3 ends at 32, layer4 stays at 32
     capsys.readouterr()
     assert main(["eval", str(result.run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == result.test_acc

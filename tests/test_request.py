@@ -57,6 +57,9 @@ def test_resume_names_an_unknown_field_from_the_python_api(tiny_run, tmp_path: P
         (["--lr", "1e39"], "lr must be at most 3.4e+38 (float32)"),
         (["--weight-decay", "1e308"], "weight decay must be at most 3.4e+38"),
         (["--width", str(10**20)], "width must be in [1, 2**31 - 1]"),
+        (["--max-width", "8"], "max width must be in [16, 2**31 - 1] (at least the width), not 8"),  # fast: width 16
+        (["--model", "resnet18", "--width", "32", "--max-width", "16"], "max width must be in [32, 2**31 - 1]"),
+        (["--max-width", str(10**20)], "max width must be in [16, 2**31 - 1]"),
         (["--crop-padding", str(10**20), "--augment", "crop"], "crop padding must be in [0, 2**31 - 1]"),
         (["--tta-translate", "9"], "tta translate must be in [0, 8] pixels, not 9"),
         (["--dataset", "folder:/nonexistent?seed=99999999999999999999999"], "folder seed must be in torch's range"),

@@ -77,6 +77,19 @@ def test_summary_stem_and_width(capsys):
     assert lines[-2] == f"parameters: {expected:,}"
 
 
+def test_summary_max_width(capsys):
+    code, lines, _ = run(
+        capsys, "summary", "resnet18", "--input", "1x1x28x28", "--stem", "small", "--width", "16", "--max-width", "32"
+    )
+    assert code == 0
+    assert lines[6:8] == [
+        "Sequential output shape:\t torch.Size([1, 32, 7, 7])",
+        "Sequential output shape:\t torch.Size([1, 32, 4, 4])",
+    ]
+    expected = count_parameters(create_model("resnet18", stem="small", width=16, max_width=32))
+    assert lines[-2] == f"parameters: {expected:,}"
+
+
 def test_summary_unknown_model(capsys):
     code, lines, err = run(capsys, "summary", "resnet19")
     assert code == 2 and lines == []
@@ -112,6 +125,7 @@ def test_summary_in_chans_must_match_input(capsys):
     "argv, message",
     [
         (["--width", "0"], "width must be a positive integer, got 0"),
+        (["--width", "16", "--max-width", "8"], "max_width must be None or an integer of at least the width (16)"),
         (["--num-classes", "0"], "num_classes must be a positive integer, got 0"),
         (["--in-chans", "0"], "--in-chans must be a positive integer, got 0"),
         (["--in-chans", "-3"], "--in-chans must be a positive integer, got -3"),

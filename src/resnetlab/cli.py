@@ -125,6 +125,7 @@ def _add_summary(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the C of --input)")
     p.add_argument("--stem", choices=["imagenet", "small"], default=None)
     p.add_argument("--width", type=int, default=None, help="base channel count (default 64)")
+    p.add_argument("--max-width", type=int, default=None, help="the most channels a stage has (default: no cap)")
     sub.add_parser("models", help="list the registered models with parameters and multiply-adds")
 
 
@@ -179,6 +180,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--subset", type=int, help="train on a seeded random subset of N training images")
     p.add_argument("--width", type=int, help="model base width")
+    p.add_argument("--max-width", type=int, help="the most channels a stage has; the later stages stop doubling there")
     p.add_argument("--stem", choices=["imagenet", "small"])
     switch("--zero-init-residual", help="zero the last BatchNorm of every residual branch")
     switch("--whiten-stem", help="first convolution: frozen filters that whiten the training images' patches")
@@ -514,6 +516,7 @@ _TOO_LARGE = re.compile(r"can't allocate memory|out of memory|Storage size calcu
 _SIZE_OPTIONS = (
     "input",
     "width",
+    "max_width",
     "resize",
     "progressive_sizes",
     "batch_size",

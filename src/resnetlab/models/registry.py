@@ -69,7 +69,7 @@ MODELS.update({f"resnet{d}": ModelConfig(block, layers) for d, (block, layers) i
 MODELS.update({f"preact_resnet{d}": ModelConfig(block, layers, preact=True) for d, (block, layers) in _DEPTHS.items()})
 
 # Options every variant takes, with their defaults (num_classes and in_chans are create_model's).
-OPTIONS: dict[str, Any] = {"stem": "imagenet", "width": 64, "zero_init_residual": False}
+OPTIONS: dict[str, Any] = {"stem": "imagenet", "width": 64, "max_width": None, "zero_init_residual": False}
 
 
 def list_models() -> list[str]:
@@ -111,6 +111,7 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **options:
         num_classes: outputs of the classifier (10 for Fashion-MNIST).
         in_chans: input channels (1 for grayscale).
         **options: ``stem`` ("imagenet" or "small"), ``width`` (base channels, default 64),
+            ``max_width`` (the most channels a stage has, default None: no cap),
             ``zero_init_residual`` (bool, default False).
 
     Raises:

@@ -6,8 +6,8 @@ iterating its children reproduces the chapter's shape table. ``ResNet`` follows 
 ``downsample`` inside blocks) so torchvision state dicts load with ``strict=True``; it also builds
 the pre-activation nets from the pre-activation units.
 
-Both accept the same options: ``num_classes``, ``in_chans``, ``stem``, ``width`` and
-``zero_init_residual``. Bad values raise :class:`resnetlab.errors.UsageError`.
+Both accept the same options: ``num_classes``, ``in_chans``, ``stem``, ``width``, ``max_width``
+and ``zero_init_residual``. Bad values raise :class:`resnetlab.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from resnetlab.models.blocks import (
     resnet_block,
 )
 
-__all__ = ["ResNet", "d2l_resnet", "validate_options", "STEMS", "BlockType"]
+__all__ = ["ResNet", "d2l_resnet", "validate_options", "stage_widths", "STEMS", "BlockType"]
 
 # stem name -> what it is for; "imagenet" is the paper's and the chapter's.
 STEMS: dict[str, str] = {
@@ -43,7 +43,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_options(num_classes: Any, in_chans: Any, stem: Any, width: Any, zero_init_residual: Any) -> None:
+def validate_options(
+    num_classes: Any, in_chans: Any, stem: Any, width: Any, zero_init_residual: Any, max_width: Any = None
+) -> None:
     """Raise UsageError, one line naming the problem and the fix, for any meaningless option.
 
     Args:
@@ -52,6 +54,7 @@ def validate_options(num_classes: Any, in_chans: Any, stem: Any, width: Any, zer
         stem: a key of ``STEMS``.
         width: base channel count (64 in the paper); a positive int.
         zero_init_residual: a bool.
+        max_width: None, or the most channels a stage may have; an int >= ``width``.
     """
     if not _is_int(num_classes) or num_classes < 1:
         raise UsageError(
@@ -68,6 +71,16 @@ def validate_options(num_classes: Any, in_chans: Any, stem: Any, width: Any, zer
         raise UsageError(f"width must be a positive integer, got {width!r}; it is the base channel count (default 64)")
     if not isinstance(zero_init_residual, bool):
         raise UsageError(f"zero_init_residual must be True or False, got {zero_init_residual!r}")
+    if max_width is not None and (not _is_int(max_width) or max_width < width):
+        raise UsageError(
+            f"max_width must be None or an integer of at least the width ({width}), got {max_width!r}; "
+            "it caps the channels of the later stages"
+        )
+
+
+def stage_widths(width: int, max_width: int | None) -> list[int]:
+    """Channels of the four stages: ``width`` doubled at each, capped at ``max_width`` (None: no cap)."""
+    return [width * 2**i if max_width is None else min(width * 2**i, max_width) for i in range(4)]
 
 
 def _validate_layers(layers: Sequence[int]) -> tuple[int, int, int, int]:
@@ -77,13 +90,16 @@ def _validate_layers(layers: Sequence[int]) -> tuple[int, int, int, int]:
     return layers  # type: ignore[return-value]
 
 
-def _resolved(num_classes: int, in_chans: int, stem: str, width: int, zero_init_residual: bool) -> dict[str, Any]:
+def _resolved(
+    num_classes: int, in_chans: int, stem: str, width: int, zero_init_residual: bool, max_width: int | None
+) -> dict[str, Any]:
     # The model contract: create_model(model.name, **model.options) rebuilds the model.
     return {
         "num_classes": num_classes,
         "in_chans": in_chans,
         "stem": stem,
         "width": width,
+        "max_width": max_width,
         "zero_init_residual": zero_init_residual,
     }
 
@@ -95,6 +111,7 @@ def d2l_resnet(
     stem: str = "imagenet",
     width: int = 64,
     zero_init_residual: bool = False,
+    max_width: int | None = None,
 ) -> nn.Sequential:
     """The chapter's ResNet: ``nn.Sequential(b1, b2, b3, b4, b5, pool, flatten, linear)``.
 
@@ -110,8 +127,9 @@ def d2l_resnet(
         width: channels of b1 and b2; b3..b5 use 2x, 4x, 8x (the chapter: 64).
         zero_init_residual: zero bn2's scale in every Residual, so each starts as
             relu(shortcut).
+        max_width: the most channels a stage has (None, the chapter's: no cap).
     """
-    validate_options(num_classes, in_chans, stem, width, zero_init_residual)
+    validate_options(num_classes, in_chans, stem, width, zero_init_residual, max_width)
     layers = _validate_layers(layers)
     if stem == "imagenet":
         b1 = nn.Sequential(
@@ -124,7 +142,7 @@ def d2l_resnet(
         b1 = nn.Sequential(
             nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(width), nn.ReLU()
         )
-    channels = [width, width * 2, width * 4, width * 8]
+    channels = stage_widths(width, max_width)
     stages = []
     previous = width
     for i, (num_channels, num_residuals) in enumerate(zip(channels, layers)):
@@ -136,7 +154,7 @@ def d2l_resnet(
             if isinstance(m, Residual):
                 m.zero_init_last()
     net.name = None  # set by create_model
-    net.options = _resolved(num_classes, in_chans, stem, width, zero_init_residual)
+    net.options = _resolved(num_classes, in_chans, stem, width, zero_init_residual, max_width)
     return net
 
 
@@ -163,6 +181,9 @@ class ResNet(nn.Module):
         zero_init_residual: zero the last BN's scale of every plain block (last conv's weight
             of every pre-activation unit, which has no BN after it), so each block starts as
             (ReLU of) its shortcut; about +0.2-0.3% ImageNet accuracy (Goyal et al. 2017).
+        max_width: the most channels a stage's blocks have (None, the paper's: no cap). The
+            last stage holds most of the weights; on 28 px images capping it buys speed for
+            little accuracy (docs/performance.md).
     """
 
     def __init__(
@@ -174,16 +195,17 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         width: int = 64,
         zero_init_residual: bool = False,
+        max_width: int | None = None,
     ) -> None:
         super().__init__()
-        validate_options(num_classes, in_chans, stem, width, zero_init_residual)
+        validate_options(num_classes, in_chans, stem, width, zero_init_residual, max_width)
         layers = _validate_layers(layers)
         if block not in (BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck):
             raise UsageError(
                 f"block must be BasicBlock, Bottleneck, PreActBasicBlock or PreActBottleneck, got {block!r}"
             )
         self.name: str | None = None  # set by create_model
-        self.options = _resolved(num_classes, in_chans, stem, width, zero_init_residual)
+        self.options = _resolved(num_classes, in_chans, stem, width, zero_init_residual, max_width)
         self.preact = block.preact
         self.inplanes = width
 
@@ -197,11 +219,12 @@ class ResNet(nn.Module):
         self.maxpool: nn.Module = (
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         )
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
-        self.num_features = width * 8 * block.expansion
+        planes = stage_widths(width, max_width)
+        self.layer1 = self._make_layer(block, planes[0], layers[0])
+        self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, planes[3], layers[3], stride=2)
+        self.num_features = planes[3] * block.expansion
         if self.preact:
             self.final_bn: nn.Module | None = nn.BatchNorm2d(self.num_features)
             self.final_relu: nn.Module | None = nn.ReLU(inplace=True)

@@ -302,6 +302,8 @@ def run_summary(args: argparse.Namespace) -> int:
         options["stem"] = args.stem
     if args.width is not None:
         options["width"] = args.width
+    if args.max_width is not None:
+        options["max_width"] = args.max_width
     # Shapes, counts and limits need no weights: build on meta, instantly, at any size.
     with torch.device("meta"):
         model = create_model(args.model, num_classes=args.num_classes, in_chans=c, **options)
