@@ -106,6 +106,17 @@ def test_other_class_count_resets_only_the_classifier(source, weights, capsys):
             assert torch.equal(v, src[k]), k
 
 
+def test_weights_of_an_uncapped_model_do_not_fit_a_capped_one(tmp_path):
+    path = tmp_path / "resnet10.pth"
+    torch.save(create_model("resnet10", stem="small", width=16).state_dict(), path)
+    net = create_model("resnet10", stem="small", width=16, max_width=64)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(net, path)
+    msg = str(info.value)
+    assert "do not fit resnet10 (width 16, max width 64, small stem)" in msg and "\n" not in msg
+    assert "layer4.0.conv1.weight file (128, 64, 3, 3) vs model (64, 64, 3, 3)" in msg
+
+
 def test_other_architecture_is_a_clear_error(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(create_model("resnet50", num_classes=1000, in_chans=3).state_dict(), path)

@@ -225,7 +225,8 @@ def _model_label(model: nn.Module) -> str:
     name = getattr(model, "name", None) or type(model).__name__
     opts = getattr(model, "options", None)
     if isinstance(opts, dict) and "width" in opts:
-        return f"{name} (width {opts['width']}, {opts.get('stem')} stem)"
+        capped = f", max width {opts['max_width']}" if opts.get("max_width") is not None else ""
+        return f"{name} (width {opts['width']}{capped}, {opts.get('stem')} stem)"
     return str(name)
 
 
