@@ -321,7 +321,8 @@ RECIPES: dict[str, Recipe] = {
     # which ended above fast's 0.4 on each of seeds 0-2), and lookahead of the weights, which ended
     # higher on every seed it was paired on, for one extra update every 5 steps. The last stage is
     # capped at 128 channels (not 256): it holds most of the weights, and capping it made a step
-    # faster on both CPU classes while the median accuracy over seeds 0-2 held.
+    # faster on both CPU classes while every run (bf16 on both classes, fp32 on AVX2) still ended
+    # above 94%, nearer the line on a Zen 5; --max-width 256 restores the full stage.
     # The measurements behind each choice, with commands and machine: docs/performance.md.
     "accurate": dataclasses.replace(
         _FAST,
