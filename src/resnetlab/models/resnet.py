@@ -27,7 +27,7 @@ from resnetlab.models.blocks import (
     resnet_block,
 )
 
-__all__ = ["ResNet", "d2l_resnet", "validate_options", "stage_widths", "STEMS", "BlockType"]
+__all__ = ["ResNet", "d2l_resnet", "validate_options", "STEMS", "BlockType"]
 
 # stem name -> what it is for; "imagenet" is the paper's and the chapter's.
 STEMS: dict[str, str] = {
@@ -78,7 +78,7 @@ def validate_options(
         )
 
 
-def stage_widths(width: int, max_width: int | None) -> list[int]:
+def _stage_widths(width: int, max_width: int | None) -> list[int]:
     """Channels of the four stages: ``width`` doubled at each, capped at ``max_width`` (None: no cap)."""
     return [width * 2**i if max_width is None else min(width * 2**i, max_width) for i in range(4)]
 
@@ -142,7 +142,7 @@ def d2l_resnet(
         b1 = nn.Sequential(
             nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(width), nn.ReLU()
         )
-    channels = stage_widths(width, max_width)
+    channels = _stage_widths(width, max_width)
     stages = []
     previous = width
     for i, (num_channels, num_residuals) in enumerate(zip(channels, layers)):
@@ -219,7 +219,7 @@ class ResNet(nn.Module):
         self.maxpool: nn.Module = (
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         )
-        planes = stage_widths(width, max_width)
+        planes = _stage_widths(width, max_width)
         self.layer1 = self._make_layer(block, planes[0], layers[0])
         self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2)
         self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2)

@@ -153,10 +153,6 @@ class Recipe:
         sizes = self.early_sizes()
         return sizes[epoch] if epoch < len(sizes) else self.resize
 
-    def width_or_default(self) -> int:
-        """The model's base width: this recipe's, else the registry's default."""
-        return OPTIONS["width"] if self.width is None else self.width
-
     def model_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"zero_init_residual": self.zero_init_residual}
         if self.width is not None:
@@ -193,6 +189,7 @@ class Recipe:
             # torch stores lr and decay as float32 scalars (an int too)
             if f.type == "float" and abs(value) > MAX_FLOAT32:
                 raise UsageError(f"{f.name.replace('_', ' ')} must be at most {MAX_FLOAT32:.3g} (float32), not {value}")
+        model_width = OPTIONS["width"] if self.width is None else self.width  # the registry default if unset
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, not {self.batch_size}"),
@@ -211,9 +208,8 @@ class Recipe:
             (self.subset >= 0, f"subset must be >= 0 (0 = the whole split), not {self.subset}"),
             (self.width is None or 1 <= self.width <= MAX_SIZE, f"width must be in [1, 2**31 - 1], not {self.width}"),
             (
-                self.max_width is None or self.width_or_default() <= self.max_width <= MAX_SIZE,
-                f"max width must be in [{self.width_or_default()}, 2**31 - 1] (at least the width), "
-                f"not {self.max_width}",
+                self.max_width is None or model_width <= self.max_width <= MAX_SIZE,
+                f"max width must be in [{model_width}, 2**31 - 1] (at least the width), not {self.max_width}",
             ),
             (0 <= self.crop_padding <= MAX_SIZE, f"crop padding must be in [0, 2**31 - 1], not {self.crop_padding}"),
             (
